@@ -1,0 +1,283 @@
+"""The NATS border: the only module that imports nats or trio_asyncio.
+
+nats-py is asyncio; it runs on trio-asyncio's loop, opened by `open_bus` and owned by
+whoever holds the context manager. Messages cross into trio through nats-py callbacks
+that only do synchronous work (the handler given to `Bus.subscription`), never by
+iterating a subscription through the bridge (about ten times slower, NOTES.md).
+
+nats-py 2.16 has a bug that silently stops all delivery when a pending ``flush()``
+future is cancelled. This module never cancels one: confirmation that a SUB is live
+is a PING whose PONG future we create, never cancel, and only *watch* from trio (a
+done-callback sets a trio Event). A waiter that goes away just stops watching. A
+watchdog reconnects if the client's read task dies anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats
+import nats.errors
+import trio
+import trio_asyncio
+
+from app.errors import BusUnavailable
+
+log = logging.getLogger("chatwatch.nats")
+
+MessageHandler = Callable[[str, bytes], None]
+StatusListener = Callable[[bool], None]
+
+_UNSUBSCRIBE_DEADLINE = 2.0
+_DRAIN_DEADLINE = 2.0
+_WATCHDOG_PERIOD = 1.0
+
+
+class ConnectionClosedForGood(Exception):
+    """Raised by `open_bus` when nats-py closed the connection and will not reconnect."""
+
+
+class Bus:
+    """One NATS connection for the whole process, reconnecting forever.
+
+    `connected` is the state as last reported by nats-py; listeners registered with
+    `add_status_listener` are called synchronously (on the trio thread) on each change.
+    """
+
+    def __init__(self, urls: Sequence[str], loop: Any) -> None:
+        self._urls = list(urls)
+        self._loop = loop
+        self._nc: Any = None
+        self.connected = False
+        self._changed = trio.Event()
+        self._listeners: list[StatusListener] = []
+        self._pong_waiters: set[trio.Event] = set()
+        self._closing = False
+        self._closed_for_good = trio.Event()
+        self.reconnects = 0
+
+    # -- state ---------------------------------------------------------------
+
+    def add_status_listener(self, listener: StatusListener) -> None:
+        self._listeners.append(listener)
+
+    def _set_connected(self, value: bool) -> None:
+        if value == self.connected:
+            return
+        self.connected = value
+        for waiter in self._pong_waiters:
+            waiter.set()
+        self._changed.set()
+        self._changed = trio.Event()
+        for listener in self._listeners:
+            try:
+                listener(value)
+            except Exception:
+                log.exception("status listener failed")
+
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            await self._changed.wait()
+
+    # -- nats-py callbacks (run on the asyncio side, on the trio thread) -------
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("NATS connection lost; reconnecting")
+        self._set_connected(False)
+
+    async def _on_reconnected(self) -> None:
+        # nats-py has replayed every SUB and flushed before calling this.
+        self.reconnects += 1
+        log.warning("NATS connection restored (%s)", self._url_for_log())
+        self._set_connected(True)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if not self._closing:
+            log.info("NATS: %s: %s", type(exc).__name__, exc)
+
+    async def _on_closed(self) -> None:
+        self._set_connected(False)
+        if not self._closing:
+            self._closed_for_good.set()
+
+    def _url_for_log(self) -> str:
+        url = self._nc.connected_url if self._nc is not None else None
+        return f"{url.hostname}:{url.port}" if url is not None else "?"
+
+    # -- bridge --------------------------------------------------------------
+
+    async def _aio(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+        return await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args, **kw)
+
+    # -- connection ----------------------------------------------------------
+
+    async def _connect_forever(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        delay = 0.05
+        warned = False
+        while True:
+            try:
+                self._nc = await self._aio(
+                    nats.connect,
+                    servers=self._urls,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    connect_timeout=2,
+                    drain_timeout=int(_DRAIN_DEADLINE),
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                    closed_cb=self._on_closed,
+                )
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                if not warned:
+                    warned = True
+                    log.warning("NATS not reachable at %s (%s); retrying", self._urls, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            log.info("NATS connected (%s)", self._url_for_log())
+            self._set_connected(True)
+            return
+
+    async def _watchdog(self) -> None:
+        """Reconnect if nats-py's read task died while the client says it is connected."""
+        while True:
+            await trio.sleep(_WATCHDOG_PERIOD)
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            reader = nc._reading_task
+            if reader is not None and reader.done():
+                log.error("nats-py read loop died while connected; forcing a reconnect")
+                await self._aio(nc._process_op_err, nats.errors.StaleConnectionError())
+
+    async def _fail_when_closed(self) -> None:
+        await self._closed_for_good.wait()
+        raise ConnectionClosedForGood(
+            f"NATS connection closed for good: {getattr(self._nc, 'last_error', None)!r}"
+        )
+
+    # -- operations ----------------------------------------------------------
+
+    async def _confirm(self) -> None:
+        """Return once the server has processed everything written so far.
+
+        Never cancels the PONG future (see module docstring). If the connection drops
+        before the PONG, nats-py replays our SUBs on reconnect and flushes before
+        `reconnected`, so being connected again is confirmation enough.
+        """
+        while True:
+            await self.wait_connected()
+            pong = self._loop.create_future()
+            done = trio.Event()
+            pong.add_done_callback(lambda _f, done=done: done.set())
+            # A lost connection drops pending PONGs: `_set_connected` wakes us instead.
+            self._pong_waiters.add(done)
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._aio(self._nc._send_ping, pong)
+                await done.wait()
+            finally:
+                self._pong_waiters.discard(done)
+            if pong.done():
+                return
+            if self.connected:
+                return  # reconnected: nats-py replayed and flushed the SUBs
+
+    @asynccontextmanager
+    async def subscription(
+        self, subject: str, handler: MessageHandler
+    ) -> AsyncGenerator[None, None]:
+        """Subscribe `handler` to `subject`; entered once the server confirmed the SUB.
+
+        `handler(subject, payload)` runs synchronously for each message, in order.
+        Waits for a connection if there is none. On exit, the subscription is removed
+        under a shield with a deadline, so a cancelled watcher can never leak it.
+        """
+
+        async def cb(msg: Any) -> None:
+            try:
+                handler(msg.subject, msg.data)
+            except Exception:
+                log.exception("message handler failed for %s", msg.subject)
+
+        await self.wait_connected()
+        with trio.CancelScope(shield=True):
+            # Only queues the SUB; shielded so a cancel cannot lose the handle.
+            sub = await self._aio(self._nc.subscribe, subject, cb=cb)
+        try:
+            await self._confirm()
+            yield
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_UNSUBSCRIBE_DEADLINE):
+                try:
+                    await self._aio(sub.unsubscribe)
+                except nats.errors.Error as exc:
+                    log.info("unsubscribe %s: %s", subject, exc)
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        await self.wait_connected()
+        await self._aio(self._nc.publish, subject, payload)
+
+    async def flush(self) -> None:
+        """Wait until everything published so far reached the server (never cancels)."""
+        await self._confirm()
+
+    async def close(self) -> None:
+        """Drain (UNSUB, flush pending publishes) then close; shielded with a deadline."""
+        self._closing = True
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_DRAIN_DEADLINE):
+                try:
+                    if nc.is_connected:
+                        await self._aio(nc.drain)
+                except (TimeoutError, nats.errors.Error, OSError) as exc:
+                    log.info("NATS drain: %s", exc)
+            with trio.move_on_after(_DRAIN_DEADLINE):
+                if not nc.is_closed:
+                    await self._aio(nc.close)
+
+
+@asynccontextmanager
+async def open_bus(urls: Sequence[str]) -> AsyncGenerator[Bus, None]:
+    """Open the trio-asyncio loop and one NATS connection that reconnects forever.
+
+    Returns at once: the connection is made in the background (`Bus.connected` tells,
+    listeners are told). Raises ConnectionClosedForGood if nats-py gives up for good
+    (e.g. authorization revoked): serving dead streams would be worse than exiting.
+    """
+    async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
+        bus = Bus(urls, loop)
+        await nursery.start(bus._connect_forever)
+        nursery.start_soon(bus._watchdog)
+        nursery.start_soon(bus._fail_when_closed)
+        try:
+            yield bus
+        finally:
+            await bus.close()
+            nursery.cancel_scope.cancel()
+
+
+async def publish_once(
+    urls: Sequence[str], subject: str, payload: bytes, patience: float
+) -> None:
+    """Connect, publish one message, confirm it reached the server, disconnect.
+
+    Raises:
+        BusUnavailable: no server answered within `patience` seconds.
+    """
+    async with open_bus(urls) as bus:
+        with trio.move_on_after(patience) as scope:
+            await bus.publish(subject, payload)
+            await bus.flush()
+        if scope.cancelled_caught:
+            raise BusUnavailable(f"NATS at {','.join(urls)} did not answer within {patience}s")

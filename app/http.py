@@ -1,0 +1,143 @@
+"""The Quart-Trio application: the watch endpoint, health, metrics, docs, viewer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from app import auth, ids, metrics, openapi
+from app.errors import StoreUnavailable
+from app.hub import Hub
+from app.store import Access, Store
+from app.watch import WatchBody
+
+log = logging.getLogger("chatwatch.http")
+
+JSON = "application/json"
+# Constant bodies: a 404 for a missing conversation and for another user's one are
+# byte-identical (no existence oracle).
+UNAUTHORIZED = b'{"error": "unauthorized"}'
+NOT_FOUND = b'{"error": "not_found"}'
+UNAVAILABLE = b'{"error": "unavailable"}'
+TOO_MANY = b'{"error": "too_many_watchers"}'
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+    # An SSE response is never followed by another request on its connection; saying
+    # so lets the server close the socket as soon as the stream ends (shutdown).
+    "Connection": "close",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Demo:
+    """Set by `chatwatch demo`: the viewer page logs the browser in as this session."""
+
+    token: str
+    conversation_id: str
+
+
+def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status=status, content_type=JSON, headers=headers)
+
+
+def create_app(
+    *,
+    hub: Hub,
+    store: Store,
+    is_nats_connected: Any,
+    max_watchers: int,
+    max_watchers_per_session: int,
+    demo: Demo | None = None,
+) -> QuartTrio:
+    """Build the app. Owns no task: every long-lived thing belongs to `service.run`."""
+    app = QuartTrio("chatwatch")
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    registry = metrics.make_registry(hub, is_nats_connected)
+    viewer = resources.files("app").joinpath("static/viewer.html").read_text("utf-8")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        if exc.code == 404:
+            return _json(NOT_FOUND, 404)
+        name = (exc.name or "error").lower().replace(" ", "_")
+        return _json(json.dumps({"error": name}).encode(), exc.code or 500)
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return _json(b'{"error": "internal"}', 500)
+
+    @app.get("/api/ai/conversations/<raw_id>/watch")
+    async def watch(raw_id: str) -> Response:
+        token = auth.token_from_headers(
+            request.headers.get("Authorization"), request.cookies.get(auth.COOKIE_NAME)
+        )
+        if token is None:
+            return _json(UNAUTHORIZED, 401)
+        conversation_id = ids.parse_conversation_id(raw_id)
+        try:
+            grant = await store.authorize(token, conversation_id)
+        except StoreUnavailable as exc:
+            log.warning("session store unavailable: %s", exc)
+            return _json(UNAVAILABLE, 503, {"Retry-After": "5"})
+        if grant.access is Access.UNAUTHORIZED:
+            return _json(UNAUTHORIZED, 401)
+        if grant.access is not Access.GRANTED or conversation_id is None:
+            return _json(NOT_FOUND, 404)
+        if hub.closed:
+            return _json(UNAVAILABLE, 503, {"Retry-After": "1"})
+        owner = grant.token_hash
+        if hub.watchers >= max_watchers or (
+            owner is not None and hub.watchers_of(owner) >= max_watchers_per_session
+        ):
+            return _json(TOO_MANY, 429, {"Retry-After": "5"})
+        watcher = hub.join(conversation_id, owner)
+        response = Response(
+            WatchBody(hub, watcher),
+            status=200,
+            content_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+        # Quart's RESPONSE_TIMEOUT (60 s) would cut every stream; only this one opts out.
+        response.timeout = None
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(b'{"status": "ok"}', 200)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        nats_ok = bool(is_nats_connected())
+        store_ok = await store.ping()
+        body = json.dumps({"nats": nats_ok, "store": store_ok}).encode()
+        return _json(body, 200 if nats_ok and store_ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render(registry)
+        return Response(body, status=200, content_type=content_type)
+
+    @app.get("/openapi.json")
+    async def openapi_json() -> Response:
+        return _json(openapi.DOCUMENT, 200)
+
+    @app.get("/")
+    async def index() -> Response:
+        page = viewer.replace("{{conversation_id}}", demo.conversation_id if demo else "")
+        response = Response(page, status=200, content_type="text/html; charset=utf-8")
+        if demo is not None:
+            response.set_cookie(
+                auth.COOKIE_NAME, demo.token, httponly=True, samesite="Strict", path="/"
+            )
+        return response
+
+    return app

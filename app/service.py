@@ -1,0 +1,152 @@
+"""The composition root: one function owns every long-lived thing, in nested scopes.
+
+    run
+     +-- embedded nats-server (when no --nats-url)      outermost: stops last
+         +-- store                                       connections closed on exit
+             +-- bus: trio-asyncio loop + NATS connection drained on exit
+                 +-- hub: one task per watched conversation, keepalives
+                     +-- hypercorn serve() + signal handling
+
+Shutdown (SIGTERM/SIGINT, or the `shutdown` event): every stream gets a ``retry:``
+frame and ends, hypercorn closes the connections and returns, then each scope above
+unwinds in turn. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from app import embedded, sse
+from app.bus import Bus, open_bus
+from app.config import Settings
+from app.errors import unwrap_single
+from app.http import Demo, create_app
+from app.hub import open_hub
+from app.listen import make_listener
+from app.store import open_store
+
+log = logging.getLogger("chatwatch")
+
+# What a client is told at shutdown: reconnect (to another instance) after 1 s.
+SHUTDOWN_FRAME = sse.retry_frame(1000) + sse.comment("server shutting down; reconnect")
+
+Extra = Callable[[Bus], Awaitable[None]]
+
+
+def hypercorn_config(settings: Settings, listener: socket.socket) -> hypercorn.config.Config:
+    config = hypercorn.config.Config()
+    # Our own socket (see listen.py); hypercorn adopts the descriptor and closes it.
+    config.bind = [f"fd://{listener.detach()}"]
+    config.graceful_timeout = settings.shutdown_grace
+    config.backlog = 4096
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 30
+    config.h11_max_incomplete_size = 16 * 1024
+    return config
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
+
+
+async def run(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    handle_signals: bool = True,
+    demo: Demo | None = None,
+    extra: Extra | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `shutdown` is set or a signal arrives; return when all is closed.
+
+    `task_status.started` gets hypercorn's bound URLs. `extra(bus)`,
+    if given, runs in the server's nursery (the demo's simulated AI run) and is
+    cancelled at shutdown.
+    """
+    stop = shutdown if shutdown is not None else trio.Event()
+    try:
+        async with AsyncExitStack() as stack:
+            outer = await stack.enter_async_context(trio.open_nursery())
+            if settings.nats_urls:
+                nats_urls = list(settings.nats_urls)
+            else:
+                server = await outer.start(embedded.serve_nats, settings.nats_data_dir)
+                nats_urls = [server.url]
+                stack.callback(outer.cancel_scope.cancel)
+            store = await stack.enter_async_context(open_store(settings.database_url))
+            bus = await stack.enter_async_context(open_bus(nats_urls))
+            hub = await stack.enter_async_context(
+                open_hub(
+                    bus,
+                    buffer=settings.watcher_buffer,
+                    max_payload=settings.max_payload,
+                    keepalive=settings.keepalive,
+                )
+            )
+            app = create_app(
+                hub=hub,
+                store=store,
+                is_nats_connected=lambda: bus.connected,
+                max_watchers=settings.max_watchers,
+                max_watchers_per_session=settings.max_watchers_per_session,
+                demo=demo,
+            )
+
+            async def shutdown_trigger() -> None:
+                await stop.wait()
+                hub.close(SHUTDOWN_FRAME)
+
+            serve_done = trio.Event()
+
+            async def serve_app(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    host, port = settings.host_port
+                    listener = make_listener(
+                        host,
+                        port,
+                        reuse_port=settings.reuse_port,
+                        write_timeout=settings.write_timeout,
+                    )
+                    await hypercorn.trio.serve(
+                        app,
+                        hypercorn_config(settings, listener),
+                        shutdown_trigger=shutdown_trigger,
+                        task_status=task_status,
+                    )
+                finally:
+                    serve_done.set()
+
+            async with trio.open_nursery() as server_nursery:
+                if handle_signals:
+                    server_nursery.start_soon(_watch_signals, stop)
+                binds = await server_nursery.start(serve_app)
+                log.info("serving on %s", ", ".join(binds))
+                if extra is not None:
+                    server_nursery.start_soon(extra, bus)
+                task_status.started(binds)
+                await stop.wait()
+                # hypercorn returns once its connections are closed (or after the grace
+                # period); then the rest of this nursery goes.
+                with trio.move_on_after(settings.shutdown_grace + 1):
+                    await serve_done.wait()
+                server_nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise unwrap_single(group) from None
+    log.info("stopped")

@@ -1,0 +1,301 @@
+"""The session store: users, sessions (hashed tokens) and conversation ownership.
+
+`Store` is the narrow surface the service uses; `SQLiteStore` is the default
+implementation. A PostgreSQL store is a second implementation of the same Protocol.
+Every blocking call runs in a worker thread under the store's own CapacityLimiter, so
+a slow disk never stalls the event loop and never takes more threads than the store's
+connection pool has connections.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import trio
+
+from app import auth
+from app.errors import NotFound, StoreUnavailable
+
+T = TypeVar("T")
+
+DEFAULT_SESSION_TTL = 30 * 24 * 3600.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    expires_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL REFERENCES users(id),
+    title TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user_id);
+"""
+
+
+class Access(enum.Enum):
+    """What a watch request may do; the HTTP layer maps it to 401/404/200."""
+
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    GRANTED = "granted"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    access: Access
+    user_id: str | None = None
+    token_hash: str | None = None
+
+
+class Store(Protocol):
+    """What the service needs from a session store."""
+
+    async def authorize(self, token: str, conversation_id: str | None) -> Grant:
+        """Check the session and, if `conversation_id` is given, that it owns it.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached.
+        """
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def add_user(self, name: str) -> str: ...
+
+    async def create_session(self, user_id: str, ttl: float = DEFAULT_SESSION_TTL) -> str: ...
+
+    async def revoke_session(self, token: str) -> None: ...
+
+    async def create_conversation(self, owner_id: str, title: str = "") -> str: ...
+
+
+def sqlite_path(database_url: str | None) -> Path:
+    """``None`` -> ./chatwatch.db; ``sqlite:///x.db`` or a plain path -> that file."""
+    if database_url is None:
+        return Path("chatwatch.db")
+    if database_url.startswith("sqlite:///"):
+        return Path(database_url.removeprefix("sqlite:///"))
+    if database_url.startswith("sqlite://"):
+        return Path(database_url.removeprefix("sqlite://"))
+    if "://" in database_url:
+        raise ValueError(f"unsupported database URL scheme: {database_url.split('://')[0]}")
+    return Path(database_url)
+
+
+class SQLiteStore:
+    """`Store` on one SQLite file, with a small pool of connections.
+
+    Each connection is used by one worker thread at a time: the limiter has as many
+    tokens as the pool has connections, and a connection is taken from the pool (on the
+    trio thread) only after a token is held.
+    """
+
+    def __init__(self, path: Path, pool_size: int = 4) -> None:
+        self._path = path
+        self._pool_size = pool_size
+        self._pool: list[sqlite3.Connection] = []
+        self._opened = 0
+        self._limiter = trio.CapacityLimiter(pool_size)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, check_same_thread=False, timeout=5.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._limiter:
+            conn = self._pool.pop() if self._pool else None
+
+            def work() -> tuple[sqlite3.Connection, T]:
+                c = conn if conn is not None else self._connect()
+                try:
+                    return c, fn(c)
+                except BaseException:
+                    if conn is None:
+                        c.close()
+                    raise
+
+            try:
+                used, result = await trio.to_thread.run_sync(work, abandon_on_cancel=False)
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    # A connection that failed may be broken (file gone, disk error):
+                    # drop it, the next call opens a fresh one.
+                    conn.close()
+                raise StoreUnavailable(str(exc)) from exc
+            except BaseException:
+                if conn is not None:
+                    self._pool.append(conn)
+                raise
+            self._pool.append(used)
+            return result
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._limiter:
+                pass
+            while self._pool:
+                self._pool.pop().close()
+
+    async def authorize(self, token: str, conversation_id: str | None) -> Grant:
+        token_hash = auth.hash_token(token)
+        now = time.time()
+
+        def query(c: sqlite3.Connection) -> tuple[str, str | None] | None:
+            row = c.execute(
+                "SELECT s.user_id, c.owner_id FROM sessions s "
+                "LEFT JOIN conversations c ON c.id = ? "
+                "WHERE s.token_hash = ? AND s.revoked = 0 AND s.expires_at > ?",
+                (conversation_id, token_hash, now),
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        row = await self._run(query)
+        if row is None:
+            return Grant(Access.UNAUTHORIZED)
+        user_id, owner = row
+        if conversation_id is None or owner != user_id:
+            return Grant(Access.NOT_FOUND, user_id, token_hash)
+        return Grant(Access.GRANTED, user_id, token_hash)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchall())
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def add_user(self, name: str) -> str:
+        user_id = str(uuid.uuid4())
+
+        def insert(c: sqlite3.Connection) -> None:
+            with c:
+                c.execute(
+                    "INSERT INTO users (id, name, created_at) VALUES (?, ?, ?)",
+                    (user_id, name, time.time()),
+                )
+
+        await self._run(insert)
+        return user_id
+
+    async def _require_user(self, user_id: str) -> None:
+        def find(c: sqlite3.Connection) -> bool:
+            return c.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is not None
+
+        if not await self._run(find):
+            raise NotFound(f"no such user: {user_id}")
+
+    async def create_session(self, user_id: str, ttl: float = DEFAULT_SESSION_TTL) -> str:
+        await self._require_user(user_id)
+        token = auth.new_token()
+        now = time.time()
+
+        def insert(c: sqlite3.Connection) -> None:
+            with c:
+                c.execute(
+                    "INSERT INTO sessions (token_hash, user_id, expires_at, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (auth.hash_token(token), user_id, now + ttl, now),
+                )
+
+        await self._run(insert)
+        return token
+
+    async def revoke_session(self, token: str) -> None:
+        token_hash = auth.hash_token(token)
+
+        def update(c: sqlite3.Connection) -> int:
+            with c:
+                cur = c.execute(
+                    "UPDATE sessions SET revoked = 1 WHERE token_hash = ?", (token_hash,)
+                )
+                return cur.rowcount
+
+        if await self._run(update) == 0:
+            raise NotFound("no such session")
+
+    async def create_conversation(self, owner_id: str, title: str = "") -> str:
+        await self._require_user(owner_id)
+        conversation_id = str(uuid.uuid4())
+
+        def insert(c: sqlite3.Connection) -> None:
+            with c:
+                c.execute(
+                    "INSERT INTO conversations (id, owner_id, title, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (conversation_id, owner_id, title, time.time()),
+                )
+
+        await self._run(insert)
+        return conversation_id
+
+    async def seed(
+        self,
+        users: dict[str, str],
+        sessions: dict[str, str],
+        conversations: dict[str, str],
+    ) -> None:
+        """Insert rows with given ids and tokens (benchmarks and demos). Idempotent.
+
+        Args:
+            users: user id -> name. sessions: token -> user id.
+            conversations: conversation id -> owner user id.
+        """
+        now = time.time()
+
+        def insert(c: sqlite3.Connection) -> None:
+            with c:
+                c.executemany(
+                    "INSERT OR IGNORE INTO users (id, name, created_at) VALUES (?, ?, ?)",
+                    [(u, n, now) for u, n in users.items()],
+                )
+                c.executemany(
+                    "INSERT OR IGNORE INTO sessions (token_hash, user_id, expires_at, "
+                    "created_at) VALUES (?, ?, ?, ?)",
+                    [
+                        (auth.hash_token(t), u, now + DEFAULT_SESSION_TTL, now)
+                        for t, u in sessions.items()
+                    ],
+                )
+                c.executemany(
+                    "INSERT OR IGNORE INTO conversations (id, owner_id, title, created_at) "
+                    "VALUES (?, ?, '', ?)",
+                    [(cid.lower(), o, now) for cid, o in conversations.items()],
+                )
+
+        await self._run(insert)
+
+
+@asynccontextmanager
+async def open_store(database_url: str | None) -> AsyncGenerator[SQLiteStore, None]:
+    """Open the store named by `database_url`; its connections close on exit.
+
+    The schema is created on first use. A store that cannot be opened does not fail
+    here: every request answers 503 until it can (see errors.StoreUnavailable).
+    """
+    store = SQLiteStore(sqlite_path(database_url))
+    try:
+        yield store
+    finally:
+        await store.aclose()

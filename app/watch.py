@@ -1,0 +1,83 @@
+"""The body of one SSE response: a nursery that feeds the watcher's channel, drained.
+
+Quart drives a response body as ``async with body as it: async for data in it: send``,
+all in one task. `WatchBody` opens the watcher's nursery in ``__aenter__`` and closes
+it in ``__aexit__``, so the nursery brackets the whole drain loop in that one task:
+nothing is ever yielded from inside a cancel scope (trio#638), and a client
+disconnect, which cancels quart-trio's request nursery, cancels this one with it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import trio
+from quart.wrappers.response import ResponseBody
+
+from app.errors import unwrap_single
+from app.hub import SLOW_CONSUMER, Hub, Watcher
+
+# Frames already queued for a watcher are written together, up to this many bytes.
+_COALESCE_BYTES = 256 * 1024
+
+
+class WatchBody(ResponseBody):
+    """Streams one watcher; the hub forgets it when the body is closed, however."""
+
+    def __init__(self, hub: Hub, watcher: Watcher) -> None:
+        self._hub = hub
+        self._watcher = watcher
+        self._stack = AsyncExitStack()
+        self._ended = False
+
+    async def __aenter__(self) -> WatchBody:
+        stack = self._stack
+        stack.callback(self._hub.leave, self._watcher)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        # What feeds the channel besides the hub's fan-out: the admission (NATS status,
+        # waiting for the subscription, `:ok`). Keepalives and NATS status changes come
+        # from the hub's own tasks, one for all watchers.
+        nursery.start_soon(self._hub.admit, self._watcher)
+        stack.callback(nursery.cancel_scope.cancel)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._stack.__aexit__(exc_type, exc_value, tb)
+        except BaseExceptionGroup as group:
+            raise unwrap_single(group) from None
+
+    def __aiter__(self) -> WatchBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        recv = self._watcher.recv
+        try:
+            first = await recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._watcher.overflowed and not self._ended:
+                self._ended = True
+                return SLOW_CONSUMER
+            raise StopAsyncIteration from None
+        # Coalesce whatever else is already queued into one write: under load this is
+        # what turns thousands of small writes into a few large ones.
+        try:
+            second = recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return first
+        parts = [first, second]
+        size = len(first) + len(second)
+        try:
+            while size < _COALESCE_BYTES:
+                frame = recv.receive_nowait()
+                parts.append(frame)
+                size += len(frame)
+        except (trio.WouldBlock, trio.EndOfChannel):
+            pass
+        return b"".join(parts)

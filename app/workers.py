@@ -1,0 +1,114 @@
+"""Run `serve` or `demo` in this process, or `serve` in N processes on one port.
+
+With ``--workers N`` the parent starts the embedded nats-server (if no URL was given)
+and N children, each a full `chatwatch serve --workers 1` with its own NATS
+connection and hub, all bound to the same port with SO_REUSEPORT: the kernel spreads
+connections across them. The parent forwards SIGTERM/SIGINT and exits 0 when every
+child did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from functools import partial
+
+import trio
+
+from app import embedded
+from app.config import Settings
+from app.errors import unwrap_single
+
+log = logging.getLogger("chatwatch.workers")
+
+
+def main(command: str, settings: Settings) -> int:
+    try:
+        if command == "demo":
+            from app.demo import run_demo
+
+            trio.run(run_demo, settings)
+            return 0
+        if settings.workers == 1:
+            from app.service import run
+
+            trio.run(run, settings)
+            return 0
+        return trio.run(_supervise, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _child_args(settings: Settings, nats_url: str) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "app",
+        "serve",
+        "--workers",
+        "1",
+        "--reuse-port",
+        "--bind",
+        settings.bind,
+        "--nats-url",
+        nats_url,
+        "--keepalive",
+        str(settings.keepalive),
+        "--watcher-buffer",
+        str(settings.watcher_buffer),
+        "--max-payload",
+        str(settings.max_payload),
+        "--max-watchers",
+        str(settings.max_watchers),
+        "--max-watchers-per-session",
+        str(settings.max_watchers_per_session),
+        "--shutdown-grace",
+        str(settings.shutdown_grace),
+        "--log-level",
+        settings.log_level,
+        "--write-timeout",
+        str(settings.write_timeout),
+    ]
+    if settings.database_url:
+        args += ["--database-url", settings.database_url]
+    return args
+
+
+async def _supervise(settings: Settings) -> int:
+    codes: list[int] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            if settings.nats_urls:
+                nats_url = ",".join(settings.nats_urls)
+            else:
+                server = await nursery.start(embedded.serve_nats, settings.nats_data_dir)
+                nats_url = server.url
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CHATWATCH_")}
+            async with trio.open_nursery() as children:
+                procs: list[trio.Process] = []
+                for _ in range(settings.workers):
+                    proc = await children.start(
+                        partial(
+                            trio.run_process, _child_args(settings, nats_url), check=False, env=env
+                        )
+                    )
+                    procs.append(proc)
+                log.info("%d workers on %s", len(procs), settings.bind)
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+                    async def forward() -> None:
+                        async for signum in signals:
+                            for p in procs:
+                                if p.returncode is None:
+                                    p.send_signal(signum)
+
+                    children.start_soon(forward)
+                    for p in procs:
+                        codes.append(await p.wait())
+                    children.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise unwrap_single(group) from None
+    return max((abs(c) for c in codes), default=0)
