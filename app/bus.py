@@ -267,9 +267,7 @@ async def open_bus(urls: Sequence[str]) -> AsyncGenerator[Bus, None]:
             nursery.cancel_scope.cancel()
 
 
-async def publish_once(
-    urls: Sequence[str], subject: str, payload: bytes, patience: float
-) -> None:
+async def publish_once(urls: Sequence[str], subject: str, payload: bytes, patience: float) -> None:
     """Connect, publish one message, confirm it reached the server, disconnect.
 
     Raises:

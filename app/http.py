@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -60,6 +61,9 @@ def create_app(
     """Build the app. Owns no task: every long-lived thing belongs to `service.run`."""
     app = QuartTrio("chatwatch")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    # No 308 redirects for "//" in a path (a percent-encoded "/" in an id would get
+    # one): an id that is not a UUID is a 404, however it is spelled.
+    app.url_map.merge_slashes = False
     registry = metrics.make_registry(hub, is_nats_connected)
     viewer = resources.files("app").joinpath("static/viewer.html").read_text("utf-8")
 
@@ -141,3 +145,32 @@ def create_app(
         return response
 
     return app
+
+
+class CloseSafeASGI:
+    """Wraps the Quart-Trio app so that a response's last send is never cancelled.
+
+    Found by experiment: when a response ends on a connection that must close
+    (``Connection: close``, HTTP/1.0, every SSE stream), hypercorn delivers
+    ``http.disconnect`` to the app from *inside* the app's final ``send``; quart-trio
+    reacts by cancelling the request nursery, which cancels that very ``send``
+    before hypercorn has closed the socket. The client then waits for EOF until
+    hypercorn's keep-alive timeout. Shielding the final send lets the close finish.
+    """
+
+    def __init__(self, app: QuartTrio) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_final_shielded(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, send_final_shielded)

@@ -29,7 +29,7 @@ from app import embedded, sse
 from app.bus import Bus, open_bus
 from app.config import Settings
 from app.errors import unwrap_single
-from app.http import Demo, create_app
+from app.http import CloseSafeASGI, Demo, create_app
 from app.hub import open_hub
 from app.listen import make_listener
 from app.store import open_store
@@ -125,7 +125,7 @@ async def run(
                         write_timeout=settings.write_timeout,
                     )
                     await hypercorn.trio.serve(
-                        app,
+                        CloseSafeASGI(app),
                         hypercorn_config(settings, listener),
                         shutdown_trigger=shutdown_trigger,
                         task_status=task_status,

@@ -41,18 +41,18 @@ def nats(nats_server: NatsProcess) -> NatsProcess:
     return nats_server
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a cheap condition (e.g. the NATS monitor); fail after `timeout` seconds."""
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll a condition outside this process (e.g. the NATS monitor), for which there
+    is no event to await; fail after `limit` seconds."""
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - external state, nothing to await
             await trio.sleep(0.01)
 
 
-async def wait_until_async(
-    predicate: Callable[[], object], timeout: float = 5.0
-) -> None:
-    with trio.fail_after(timeout):
-        while not await trio.to_thread.run_sync(predicate):
+async def wait_until_async(predicate: Callable[[], object], limit: float = 5.0) -> None:
+    """`wait_until` for a blocking predicate (an HTTP call to the NATS monitor)."""
+    with trio.fail_after(limit):
+        while not await trio.to_thread.run_sync(predicate):  # noqa: ASYNC110 - external
             await trio.sleep(0.01)
 
 
@@ -107,9 +107,7 @@ async def start_service(
 
 
 @pytest.fixture
-async def svc(
-    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
-) -> AsyncIterator[Service]:
+async def svc(nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path) -> AsyncIterator[Service]:
     s = await start_service(nursery, nats, tmp_path)
     # Wait until the service's NATS connection is up: tests that need it down say so.
     await wait_until_async(lambda: nats.monitor("/connz")["num_connections"] >= 1)

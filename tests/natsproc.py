@@ -35,9 +35,18 @@ class NatsProcess:
         for old in ports_dir.iterdir():
             old.unlink()
         args = [
-            nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.client_port),
-            "-m", str(self.monitor_port), "-js", "-sd", str(Path(self._dir) / "js"),
-            "--ports_file_dir", str(ports_dir),
+            nats_server_binary(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.client_port),
+            "-m",
+            str(self.monitor_port),
+            "-js",
+            "-sd",
+            str(Path(self._dir) / "js"),
+            "--ports_file_dir",
+            str(ports_dir),
         ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

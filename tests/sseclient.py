@@ -125,9 +125,15 @@ async def request(
     return response
 
 
-async def get(port: int, path: str, **kw: object) -> tuple[int, dict[str, str], bytes]:
+async def get(
+    port: int,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **kw: str | None,
+) -> tuple[int, dict[str, str], bytes]:
     """A plain request; returns status, headers and the whole body."""
-    response = await request(port, path, headers={"Connection": "close"}, **kw)  # type: ignore[arg-type]
+    response = await request(port, path, headers={"Connection": "close", **(headers or {})}, **kw)  # type: ignore[arg-type]
     try:
         body = await response.read_body()
     finally:

@@ -1,0 +1,261 @@
+"""One markdown table comparing chatwatch with the harness's peers, from the harness JSON.
+
+    python tests/bench/report.py [--results bench-results] [--name chatwatch]
+        [--peers asyncio,node] [--scenarios broadcast,...,broadcast-natsdefaults]
+        [--out bench-results/summary.md]
+
+The benchmark harness (../shared/bench/run.py) writes one file per target and scenario,
+``<results>/<name>-<scenario><suffix>.json``: ``{"runs": [<loadgen result>, ...], ...}``.
+A run is left out when it has an ``error`` (the loadgen failed); of the rest, the runs
+not marked ``disturbed`` are used (all of them if every run was disturbed), as the
+harness does. Figures are medians over those runs; missing / duplicate / out-of-order
+counts and silent watchers are the maximum over every run without an error, so a
+single bad run shows. ``nox -s bench`` runs this after the harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Run = Mapping[str, Any]
+
+DEFAULT_SCENARIOS = ("broadcast", "paced", "many", "idle", "churn")
+DEFAULT_LIMITS_SUFFIX = "-natsdefaults"
+# The pseudo-scenario for the broadcast run against nats-server's default limits.
+DEFAULT_LIMITS = "broadcast" + DEFAULT_LIMITS_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """A figure and how it is shown; `value` is what ratios are taken of (None: none)."""
+
+    value: float | None
+    text: str
+
+
+NOT_RUN = Cell(None, "n/a")
+NO_VALUE = Cell(None, "-")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One target's runs of one scenario, as the harness wrote them."""
+
+    runs: list[Run]  # every run, errors included
+
+    @property
+    def completed(self) -> list[Run]:
+        return [r for r in self.runs if "error" not in r]
+
+    @property
+    def used(self) -> list[Run]:
+        """Runs the medians are taken over: the undisturbed ones, else all completed."""
+        done = self.completed
+        return [r for r in done if not r.get("disturbed")] or done
+
+
+def lookup(run: Run, path: str) -> float | None:
+    """The number at a dotted path of a run (`delivery.latency_ms.p99`), or None."""
+    node: Any = run
+    for key in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        return None
+    return float(node)
+
+
+def values(runs: Sequence[Run], path: str) -> list[float]:
+    return [v for v in (lookup(r, path) for r in runs) if v is not None]
+
+
+def median(runs: Sequence[Run], path: str) -> float | None:
+    found = values(runs, path)
+    return statistics.median(found) if found else None
+
+
+def maximum(runs: Sequence[Run], path: str) -> float | None:
+    found = values(runs, path)
+    return max(found) if found else None
+
+
+def number(value: float | None, digits: int) -> Cell:
+    if value is None:
+        return NO_VALUE
+    return Cell(value, f"{value:,.{digits}f}")
+
+
+def count(value: float | None) -> str:
+    return "?" if value is None else f"{value:,.0f}"
+
+
+# -- metrics: each turns one target's result into a cell -----------------------------
+
+Metric = Callable[[Result], Cell]
+
+
+def median_of(path: str, digits: int) -> Metric:
+    return lambda res: number(median(res.used, path), digits)
+
+
+def runs_ok(res: Result) -> Cell:
+    ok = sum(1 for r in res.completed if r.get("ok") is True)
+    text = f"{ok}/{len(res.runs)}"
+    errors = len(res.runs) - len(res.completed)
+    disturbed = sum(1 for r in res.completed if r.get("disturbed"))
+    notes = [f"{errors} failed"] if errors else []
+    if disturbed:
+        notes.append(f"{disturbed} disturbed")
+    return Cell(None, text + (f" ({', '.join(notes)})" if notes else ""))
+
+
+def subs_gone(res: Result) -> Cell:
+    """Median time until the gateway's NATS subscriptions were 0 after all clients closed."""
+    left = maximum(res.completed, "cleanup.subs_remaining")
+    cell = number(median(res.used, "cleanup.subs_zero_ms"), 0)
+    if left:
+        return Cell(None, f"{cell.text} ({count(left)} subs left)")
+    return cell
+
+
+def missing_dup_ooo(res: Result) -> Cell:
+    runs = res.completed
+    if not runs:
+        return NO_VALUE
+    parts = [maximum(runs, f"delivery.{key}") for key in ("missing", "duplicates", "out_of_order")]
+    return Cell(None, " / ".join(count(p) for p in parts))
+
+
+def silent_watchers(res: Result) -> Cell:
+    runs = res.completed
+    return Cell(None, count(maximum(runs, "delivery.silent_watchers"))) if runs else NO_VALUE
+
+
+def delivered_percent(res: Result) -> Cell:
+    shares = [
+        100.0 * unique / expected
+        for r in res.used
+        if (unique := lookup(r, "delivery.unique")) is not None
+        and (expected := lookup(r, "delivery.expected"))
+    ]
+    return number(statistics.median(shares), 1) if shares else NO_VALUE
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    label: str
+    metric: Metric
+    ratio: bool = True  # whether chatwatch ÷ peer means anything
+
+
+def rows_for(scenario: str) -> list[Row]:
+    """What the table shows per scenario (↑: higher is better, ↓: lower is better)."""
+    rows = [Row("runs ok", runs_ok, ratio=False)]
+    if scenario == "broadcast":
+        rows.append(Row("delivered events/s ↑", median_of("delivery.events_per_s", 0)))
+    elif scenario == "paced":
+        rows.append(Row("latency p50 ms ↓", median_of("delivery.latency_ms.p50", 1)))
+        rows.append(Row("latency p99 ms ↓", median_of("delivery.latency_ms.p99", 1)))
+    elif scenario == "many":
+        rows.append(Row("events/s ↑", median_of("delivery.events_per_s", 0)))
+    elif scenario == "idle":
+        rows.append(Row("RSS per idle watcher KB ↓", median_of("idle.rss_kb_per_watcher", 1)))
+        rows.append(Row("connect 5000 watchers s ↓", median_of("connect.t_all_ok_s", 2)))
+    elif scenario == "churn":
+        rows.append(Row("silent watchers (max) ↓", silent_watchers, ratio=False))
+    elif scenario == DEFAULT_LIMITS:
+        rows.append(Row("delivered % ↑", delivered_percent))
+        rows.append(Row("NATS slow consumers (max)", slow_consumers, ratio=False))
+    if scenario != DEFAULT_LIMITS:
+        rows.append(Row("subscriptions gone after close ms ↓", subs_gone))
+    rows.append(Row("missing / dup / out-of-order (max)", missing_dup_ooo, ratio=False))
+    return rows
+
+
+def slow_consumers(res: Result) -> Cell:
+    runs = res.completed
+    return Cell(None, count(maximum(runs, "nats.slow_consumers"))) if runs else NO_VALUE
+
+
+# -- loading and rendering -------------------------------------------------------------
+
+
+def load(results: Path, name: str, scenario: str) -> Result | None:
+    path = results / f"{name}-{scenario}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list):
+        raise ValueError(f"{path}: no 'runs' list; not a harness result file?")
+    return Result([r for r in runs if isinstance(r, dict)])
+
+
+def ratio(ours: Cell, theirs: Cell) -> str:
+    if ours.value is None or theirs.value is None or theirs.value == 0:
+        return "-"
+    return f"{ours.value / theirs.value:.2f}x"
+
+
+def table(results: Path, name: str, peers: Sequence[str], scenarios: Sequence[str]) -> list[str]:
+    head = ["scenario", "metric", name, *peers, *(f"{name} ÷ {p}" for p in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for scenario in scenarios:
+        ours = load(results, name, scenario)
+        theirs = [load(results, p, scenario) for p in peers]
+        for row in rows_for(scenario):
+            mine = row.metric(ours) if ours is not None else NOT_RUN
+            others = [row.metric(t) if t is not None else NOT_RUN for t in theirs]
+            ratios = [ratio(mine, o) if row.ratio else "-" for o in others]
+            label = scenario.replace(DEFAULT_LIMITS_SUFFIX, " (nats defaults)")
+            cells = [label, row.label, mine.text, *(o.text for o in others), *ratios]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+LEGEND = (
+    "Figures: medians over undisturbed runs; counts marked (max): maximum over all"
+    " completed runs. `runs ok`: runs the loadgen marked ok / runs. Ratio = {name}'s"
+    " figure ÷ the peer's (↑ metrics: > 1 is better for {name}; ↓ metrics: < 1)."
+    " n/a: not run."
+)
+
+
+def build(results: Path, name: str, peers: Sequence[str], scenarios: Sequence[str]) -> str:
+    lines = table(results, name, peers, scenarios)
+    return "\n".join([*lines, "", LEGEND.format(name=name), ""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--results", type=Path, default=Path("bench-results"))
+    ap.add_argument("--name", default="chatwatch")
+    ap.add_argument("--peers", default="asyncio,node", help="comma-separated")
+    ap.add_argument(
+        "--scenarios",
+        default=",".join([*DEFAULT_SCENARIOS, DEFAULT_LIMITS]),
+        help=f"comma-separated; {DEFAULT_LIMITS}: the broadcast run with nats-server's"
+        " default limits (run.py --nats-default-limits --suffix=" + DEFAULT_LIMITS_SUFFIX + ")",
+    )
+    ap.add_argument("--out", type=Path, help="also write the table here")
+    args = ap.parse_args(argv)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    peers = [p for p in args.peers.split(",") if p]
+    text = build(args.results, args.name, peers, scenarios)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
