@@ -45,14 +45,14 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
     """Poll a condition outside this process (e.g. the NATS monitor), for which there
     is no event to await; fail after `limit` seconds."""
     with trio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - external state, nothing to await
+        while not predicate():  # ruff: ignore[async-busy-wait] - external state, nothing to await
             await trio.sleep(0.01)
 
 
 async def wait_until_async(predicate: Callable[[], object], limit: float = 5.0) -> None:
     """`wait_until` for a blocking predicate (an HTTP call to the NATS monitor)."""
     with trio.fail_after(limit):
-        while not await trio.to_thread.run_sync(predicate):  # noqa: ASYNC110 - external
+        while not await trio.to_thread.run_sync(predicate):  # ruff: ignore[async-busy-wait] - external
             await trio.sleep(0.01)
 
 
