@@ -31,13 +31,39 @@ log = logging.getLogger("chatwatch.nats")
 MessageHandler = Callable[[str, bytes], None]
 StatusListener = Callable[[bool], None]
 
-_UNSUBSCRIBE_DEADLINE = 2.0
 _DRAIN_DEADLINE = 2.0
 _WATCHDOG_PERIOD = 1.0
 
 
 class ConnectionClosedForGood(Exception):
     """Raised by `open_bus` when nats-py closed the connection and will not reconnect."""
+
+
+class _SubRequest:
+    """A subscription asked for by a topic; filled in by the bus's manager task."""
+
+    __slots__ = (
+        "cancelled",
+        "cb",
+        "confirmed",
+        "error",
+        "pong",
+        "ready",
+        "released",
+        "sub",
+        "subject",
+    )
+
+    def __init__(self, subject: str, cb: Callable[[Any], Awaitable[None]]) -> None:
+        self.subject = subject
+        self.cb = cb
+        self.ready = trio.Event()
+        self.sub: Any = None
+        self.error: Exception | None = None
+        self.pong: Any = None
+        self.confirmed: trio.Event | None = None
+        self.cancelled = False
+        self.released = False
 
 
 class Bus:
@@ -55,6 +81,9 @@ class Bus:
         self._changed = trio.Event()
         self._listeners: list[StatusListener] = []
         self._pong_waiters: set[trio.Event] = set()
+        self._pending_subs: list[_SubRequest] = []
+        self._pending_unsubs: list[Any] = []
+        self._work = trio.Event()
         self._closing = False
         self._closed_for_good = trio.Event()
         self.reconnects = 0
@@ -70,6 +99,8 @@ class Bus:
         self.connected = value
         for waiter in self._pong_waiters:
             waiter.set()
+        if value:
+            self._work.set()  # subscriptions that waited for the connection
         self._changed.set()
         self._changed = trio.Event()
         for listener in self._listeners:
@@ -197,8 +228,10 @@ class Bus:
         """Subscribe `handler` to `subject`; entered once the server confirmed the SUB.
 
         `handler(subject, payload)` runs synchronously for each message, in order.
-        Waits for a connection if there is none. On exit, the subscription is removed
-        under a shield with a deadline, so a cancelled watcher can never leak it.
+        Waits for a connection if there is none. Leaving (normally or cancelled, even
+        mid-subscribe) is synchronous: the subscription is handed to the bus's own
+        task, which removes it. Nothing here can be interrupted half-way, and no
+        deadline can skip an UNSUB when the process is busy.
         """
 
         async def cb(msg: Any) -> None:
@@ -207,19 +240,88 @@ class Bus:
             except Exception:
                 log.exception("message handler failed for %s", msg.subject)
 
-        await self.wait_connected()
-        with trio.CancelScope(shield=True):
-            # Only queues the SUB; shielded so a cancel cannot lose the handle.
-            sub = await self._aio(self._nc.subscribe, subject, cb=cb)
+        req = _SubRequest(subject, cb)
+        self._pending_subs.append(req)
+        self._work.set()
         try:
-            await self._confirm()
+            await req.ready.wait()
+            if req.error is not None:
+                raise req.error
+            await self._wait_confirmed(req)
             yield
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(_UNSUBSCRIBE_DEADLINE):
-                try:
-                    await self._aio(sub.unsubscribe)
-                except nats.errors.Error as exc:
-                    log.info("unsubscribe %s: %s", subject, exc)
+            req.cancelled = True
+            self._release(req)
+
+    def _release(self, req: _SubRequest) -> None:
+        if req.sub is not None and not req.released:
+            req.released = True
+            self._pending_unsubs.append(req.sub)
+            self._work.set()
+
+    async def _wait_confirmed(self, req: _SubRequest) -> None:
+        # Never cancels the PONG future (module docstring): only watches it.
+        while True:
+            pong, done = req.pong, req.confirmed
+            if pong is None or done is None or pong.done():
+                return
+            self._pong_waiters.add(done)
+            try:
+                await done.wait()
+            finally:
+                self._pong_waiters.discard(done)
+            if pong.done():
+                return
+            # The connection dropped before the PONG: nats-py replays every SUB on
+            # reconnect and flushes before `reconnected`, so being back is enough.
+            await self.wait_connected()
+            return
+
+    async def _manage_subscriptions(self) -> None:
+        """The one task that talks SUB/UNSUB to nats-py, in batches.
+
+        Batching turns a thousand arrivals (or departures) into one bridge call and
+        one PING, instead of a thousand of each.
+        """
+        while True:
+            await self._work.wait()
+            self._work = trio.Event()
+            unsubs, self._pending_unsubs = self._pending_unsubs, []
+            pending = [r for r in self._pending_subs if not r.cancelled]
+            if self.connected:
+                subs, self._pending_subs = pending, []
+            else:
+                subs, self._pending_subs = [], pending
+            if not subs and not unsubs:
+                continue
+            confirmed = trio.Event()
+            with trio.CancelScope(shield=True):
+                pong = await self._aio(self._apply, subs, unsubs)
+            if pong is not None:
+                pong.add_done_callback(lambda _f, ev=confirmed: ev.set())
+            for req in subs:
+                req.pong, req.confirmed = pong, confirmed
+                req.ready.set()
+                if req.cancelled:
+                    self._release(req)
+
+    async def _apply(self, subs: list[_SubRequest], unsubs: list[Any]) -> Any:
+        """Asyncio side of `_manage_subscriptions`: UNSUBs, SUBs, then one PING."""
+        for sub in unsubs:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.info("unsubscribe %s: %s", sub.subject, exc)
+        if not subs:
+            return None
+        for req in subs:
+            try:
+                req.sub = await self._nc.subscribe(req.subject, cb=req.cb)
+            except nats.errors.Error as exc:
+                req.error = exc
+        pong = self._loop.create_future()
+        await self._nc._send_ping(pong)
+        return pong
 
     async def publish(self, subject: str, payload: bytes) -> None:
         await self.wait_connected()
@@ -259,6 +361,7 @@ async def open_bus(urls: Sequence[str]) -> AsyncGenerator[Bus, None]:
         bus = Bus(urls, loop)
         await nursery.start(bus._connect_forever)
         nursery.start_soon(bus._watchdog)
+        nursery.start_soon(bus._manage_subscriptions)
         nursery.start_soon(bus._fail_when_closed)
         try:
             yield bus

@@ -1,0 +1,248 @@
+"""Lifecycle: disconnects, NATS outages, the nats-py flush bug, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+import trio.lowlevel
+
+from app.store import SQLiteStore
+from tests.conftest import (
+    Service,
+    chunk,
+    start_service,
+    wait_until,
+    wait_until_async,
+    watch_path,
+)
+from tests.natsproc import NatsProcess
+from tests.rawnats import RawNats
+from tests.sseclient import request
+from tests.test_delivery import parse, watch
+
+
+async def test_abrupt_close_of_50_idle_watchers_removes_subscriptions_within_1s(
+    svc: Service,
+) -> None:
+    seeds = await svc.seed(conversations=50)
+    watchers = [await watch(svc, s.conversation_id, s.token) for s in seeds]
+    assert len(svc.nats.chat_subscriptions()) == 50
+    start = time.monotonic()
+    for i, w in enumerate(watchers):
+        if i % 2:
+            w.abort()  # RST
+        else:
+            await w.aclose()  # FIN
+    await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=1.0)
+    assert time.monotonic() - start < 1.0
+
+
+async def test_abrupt_close_under_a_flood_removes_subscriptions_within_1s(
+    svc: Service,
+) -> None:
+    seeds = await svc.seed(conversations=50)
+    watchers = [await watch(svc, s.conversation_id, s.token) for s in seeds]
+    pub = await svc.publisher()
+    flooding = trio.Event()
+
+    async def flood() -> None:
+        batch = [(f"chat.chunk.{s.conversation_id}", chunk("token", text="x" * 200)) for s in seeds]
+        while True:
+            await pub.publish_many(batch)
+            flooding.set()
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        await flooding.wait()
+        for w in watchers:
+            w.abort()
+        await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=1.0)
+        nursery.cancel_scope.cancel()
+    await pub.aclose()
+
+
+async def test_disconnects_while_subscribing_never_stop_delivery(svc: Service) -> None:
+    """Regression for the nats-py 2.16 cancelled-flush bug (NOTES.md): 200 watchers
+    hang up while their subscription is being confirmed; delivery must go on."""
+    seeds = await svc.seed(conversations=200)
+    for s in seeds:
+        response = await request(svc.port, watch_path(s.conversation_id), token=s.token)
+        assert response.status == 200
+        response.abort()  # before (or while) the SUB is confirmed
+    (probe,) = await svc.seed()
+    w = await watch(svc, probe.conversation_id, probe.token)
+    pub = await svc.publisher()
+    for i in range(20):
+        await pub.publish(f"chat.chunk.{probe.conversation_id}", chunk("token", seq=i))
+    with trio.fail_after(5):
+        frames = await w.frames_until(count=20)
+    assert [parse(f)[1]["seq"] for f in frames] == list(range(20))  # type: ignore[index]
+    w.abort()
+    await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=5.0)
+    await pub.aclose()
+
+
+async def test_nats_restart_mid_stream_keeps_the_stream_and_resumes(svc: Service) -> None:
+    (seed,) = await svc.seed()
+    cid = seed.conversation_id
+    w = await watch(svc, cid, seed.token)
+    svc.nats.kill()
+    with trio.fail_after(10):
+        frame = await w.next_frame()
+    assert frame is not None
+    assert parse(frame) == ("error", "NATS connection lost")
+    await trio.to_thread.run_sync(svc.nats.start)
+    # Streams stay open; once the service resubscribed, events flow again.
+    await wait_until_async(lambda: svc.nats.chat_subscriptions() == [f"chat.*.{cid}"], limit=10)
+    status, _, body = await _get_ready(svc)
+    pub = await RawNats.connect(svc.nats.client_port)
+    await pub.publish(f"chat.chunk.{cid}", chunk("token", text="back"))
+    with trio.fail_after(5):
+        frame = await w.next_frame()
+        while frame is not None and frame.startswith(b":"):
+            frame = await w.next_frame()
+    assert frame is not None
+    assert parse(frame) == ("token", {"chunk_type": "token", "text": "back"})
+    w.abort()
+    await pub.aclose()
+
+
+async def _get_ready(svc: Service) -> tuple[int, dict[str, str], bytes]:
+    from tests.sseclient import get
+
+    return await get(svc.port, "/readyz")
+
+
+async def test_watcher_arriving_while_nats_is_down_gets_error_then_ok(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    down = NatsProcess()
+    down.start()
+    down.kill()  # keep its ports: nothing listens there now
+    try:
+        svc = await start_service(nursery, down, tmp_path)
+        (seed,) = await svc.seed()
+        status, _, body = await _get_ready(svc)
+        assert status == 503
+        assert json.loads(body) == {"nats": False, "store": True}
+        response = await request(svc.port, watch_path(seed.conversation_id), token=seed.token)
+        assert response.status == 200
+        with trio.fail_after(5):
+            frame = await response.next_frame()
+        assert frame is not None
+        assert parse(frame) == ("error", "NATS not available")
+        await trio.to_thread.run_sync(down.start)
+        with trio.fail_after(10):
+            assert await response.next_frame() == b":ok"
+        status, _, _ = await _get_ready(svc)
+        assert status == 200
+        pub = await RawNats.connect(down.client_port)
+        await pub.publish(f"chat.chunk.{seed.conversation_id}", chunk("token", n=1))
+        with trio.fail_after(5):
+            frame = await response.next_frame()
+        assert parse(frame or b"") == ("token", {"chunk_type": "token", "n": 1})
+        response.abort()
+        await pub.aclose()
+        await svc.store.aclose()
+    finally:
+        down.stop()
+
+
+async def test_idle_stream_gets_keepalives(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
+) -> None:
+    svc = await start_service(nursery, nats, tmp_path, keepalive=0.1)
+    (seed,) = await svc.seed()
+    w = await watch(svc, seed.conversation_id, seed.token)
+    with trio.fail_after(5):
+        assert await w.next_frame() == b": keepalive"
+        assert await w.next_frame() == b": keepalive"
+    w.abort()
+    await svc.store.aclose()
+
+
+async def test_sigterm_with_open_streams_ends_them_and_exits_0(
+    nats: NatsProcess, tmp_path: Path
+) -> None:
+    db = tmp_path / "cw.db"
+    store = SQLiteStore(db)
+    user = await store.add_user("u")
+    token = await store.create_session(user)
+    cids = [await store.create_conversation(user) for _ in range(5)]
+    await store.aclose()
+    port_file = tmp_path / "port"
+    env = {**os.environ, "CHATWATCH_DATABASE_URL": f"sqlite:///{db}"}
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    port_file.write_text(str(port))
+    proc = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--nats-url",
+            nats.url,
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(15):
+            while True:
+                try:
+                    response = await request(port, watch_path(cids[0]), token=token)
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        assert await response.next_frame() == b":ok"
+        streams = [response] + [await watch_port(port, c, token) for c in cids[1:]]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for s in streams:
+            with trio.fail_after(5):
+                rest = await s.read_body()
+            assert rest.startswith(b"retry: 1000\n")
+        with trio.fail_after(5):
+            code = await proc.wait()
+        elapsed = time.monotonic() - start
+        assert code == 0
+        assert elapsed < 2.0, elapsed
+        assert proc.stderr is not None
+        err = await proc.stderr.receive_some(1 << 16)
+        assert b"Traceback" not in err, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def watch_port(port: int, cid: str, token: str):  # type: ignore[no-untyped-def]
+    response = await request(port, watch_path(cid), token=token)
+    assert await response.next_frame() == b":ok"
+    return response
+
+
+async def test_unknown_subject_kinds_are_ignored(svc: Service) -> None:
+    (seed,) = await svc.seed()
+    w = await watch(svc, seed.conversation_id, seed.token)
+    pub = await svc.publisher()
+    await pub.publish(f"chat.other.{seed.conversation_id}", b'{"x":1}')
+    await pub.publish(f"chat.chunk.{seed.conversation_id}", chunk("done"))
+    with trio.fail_after(5):
+        assert parse(await w.next_frame() or b"")[0] == "done"
+    w.abort()
+    await pub.aclose()
