@@ -102,7 +102,8 @@ async def test_nats_restart_mid_stream_keeps_the_stream_and_resumes(svc: Service
     await trio.to_thread.run_sync(svc.nats.start)
     # Streams stay open; once the service resubscribed, events flow again.
     await wait_until_async(lambda: svc.nats.chat_subscriptions() == [f"chat.*.{cid}"], limit=10)
-    status, _, body = await _get_ready(svc)
+    status, _, _ = await _get_ready(svc)
+    assert status == 200
     pub = await RawNats.connect(svc.nats.client_port)
     await pub.publish(f"chat.chunk.{cid}", chunk("token", text="back"))
     with trio.fail_after(5):
