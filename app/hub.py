@@ -73,7 +73,7 @@ class Watcher:
 class Topic:
     """A watched conversation: its subscription's state and its watchers."""
 
-    __slots__ = ("active", "attached", "conversation_id", "live", "members", "scope")
+    __slots__ = ("active", "attached", "conversation_id", "failed", "live", "members", "scope")
 
     def __init__(self, conversation_id: str) -> None:
         self.conversation_id = conversation_id
@@ -85,6 +85,7 @@ class Topic:
         # the subscription under a shield, and never cancels a pending flush.
         self.scope = trio.CancelScope()
         self.active = False
+        self.failed = False
 
 
 class Hub:
@@ -182,7 +183,7 @@ class Hub:
             w.told_down = True
             self._push(w, NATS_NOT_AVAILABLE)
         await topic.live.wait()
-        if w.overflowed or w not in topic.members:
+        if w.overflowed or topic.failed or w not in topic.members:
             return
         self._push(w, sse.OK)
         if not w.overflowed:
@@ -273,6 +274,8 @@ class Hub:
                 self._fail_topic(topic)
 
     def _fail_topic(self, topic: Topic) -> None:
+        topic.failed = True
+        topic.live.set()
         if self._topics.get(topic.conversation_id) is topic:
             del self._topics[topic.conversation_id]
         failed = sse.error_frame("subscription failed")

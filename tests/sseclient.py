@@ -97,6 +97,8 @@ class Response:
     def abort(self) -> None:
         """Close with RST: SO_LINGER 0, the way a crashed client leaves."""
         sock = self.stream.socket
+        if sock.fileno() == -1:
+            return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
 

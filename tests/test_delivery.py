@@ -37,7 +37,7 @@ async def test_interleaved_chunks_and_messages_arrive_in_publish_order(svc: Serv
             items.append((f"chat.chunk.{cid}", chunk("token", seq=i)))
     await pub.publish_many(items)
     with trio.fail_after(20):
-        got = []
+        got: list[int] = []
         while len(got) < 2000:
             frame = await response.next_frame()
             assert frame is not None

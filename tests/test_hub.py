@@ -1,0 +1,176 @@
+"""The fan-out hub, against a fake bus (unit tests; time is a MockClock)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from app import sse
+from app.hub import NATS_LOST, NATS_NOT_AVAILABLE, SLOW_CONSUMER, Hub, Watcher, open_hub
+from app.watch import WatchBody
+from tests.fakes import FakeBus
+
+CID = "01234567-89ab-cdef-0123-456789abcdef"
+OTHER = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.fixture
+async def bus() -> FakeBus:
+    return FakeBus()
+
+
+@pytest.fixture
+async def hub(bus: FakeBus) -> AsyncIterator[Hub]:
+    async with open_hub(bus, buffer=8, max_payload=1024, keepalive=15.0) as h:
+        yield h
+
+
+def drain(w: Watcher) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(w.recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+
+
+async def admitted(hub: Hub, cid: str = CID, owner: str | None = None) -> Watcher:
+    w = hub.join(cid, owner)
+    await hub.admit(w)
+    assert drain(w) == [sse.OK]
+    return w
+
+
+async def test_one_subscription_per_conversation_and_frames_shared(hub: Hub, bus: FakeBus) -> None:
+    a, b = await admitted(hub), await admitted(hub)
+    c = await admitted(hub, OTHER)
+    assert bus.subscribe_calls == 2
+    bus.deliver(f"chat.chunk.{CID}", b'{"chunk_type":"token"}')
+    fa, fb, fc = drain(a), drain(b), drain(c)
+    assert fa == fb == [b'data: {"event":"token","data":{"chunk_type":"token"}}\n\n']
+    assert fa[0] is fb[0]  # encoded once, the same bytes object for every watcher
+    assert fc == []
+    assert hub.statistics().events_in == 1
+    assert hub.statistics().events_out == 2
+
+
+async def test_last_leave_removes_the_subscription(hub: Hub, bus: FakeBus) -> None:
+    a, b = await admitted(hub), await admitted(hub)
+    hub.leave(a)
+    await trio.testing.wait_all_tasks_blocked()
+    assert bus.unsubscribe_calls == 0
+    hub.leave(b)
+    hub.leave(b)  # idempotent
+    await trio.testing.wait_all_tasks_blocked()
+    assert bus.unsubscribe_calls == 1
+    assert hub.statistics().conversations == 0
+    assert hub.statistics().watchers == 0
+
+
+async def test_leaving_while_subscribing_cancels_the_subscription(hub: Hub, bus: FakeBus) -> None:
+    bus.gate = trio.Event()  # the subscription never confirms
+    w = hub.join(CID)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.admit, w)
+        await trio.testing.wait_all_tasks_blocked()
+        assert bus.subscribe_calls == 1
+        hub.leave(w)
+        nursery.cancel_scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.statistics().conversations == 0
+    assert bus.handlers == {}
+
+
+async def test_slow_consumer_is_cut_off_alone(hub: Hub, bus: FakeBus) -> None:
+    slow, fast = await admitted(hub), await admitted(hub)
+    for i in range(20):
+        bus.deliver(f"chat.chunk.{CID}", b'{"i":%d}' % i)
+        drain(fast)
+    assert slow.overflowed
+    assert hub.statistics().slow_consumers == 1
+    body = WatchBody(hub, slow)
+    got = []
+    async for chunk in body:
+        got.append(chunk)
+    assert got[-1] == SLOW_CONSUMER
+    assert len(got) == 2  # the buffered frames coalesced into one write, then the error
+    assert got[0].count(b"\n\n") == 8
+    bus.deliver(f"chat.chunk.{CID}", b"{}")
+    assert drain(fast) == [b'data: {"event":"chunk","data":{}}\n\n']
+
+
+async def test_watcher_arriving_while_nats_is_down(hub: Hub, bus: FakeBus) -> None:
+    bus.set_connected(False)
+    w = hub.join(CID)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.admit, w)
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain(w) == [NATS_NOT_AVAILABLE]
+        bus.set_connected(True)
+    assert drain(w) == [sse.OK]
+
+
+async def test_connection_lost_is_told_once_to_each_open_stream(hub: Hub, bus: FakeBus) -> None:
+    a = await admitted(hub)
+    waiting = hub.join(OTHER)
+    bus.set_connected(False)
+    assert drain(a) == [NATS_LOST]
+    assert drain(waiting) == [NATS_NOT_AVAILABLE]
+    bus.set_connected(True)
+    bus.deliver(f"chat.message.{CID}", b"1")
+    assert drain(a) == [b'data: {"event":"message","data":1}\n\n']
+
+
+async def test_keepalive_only_on_idle_conversations(
+    autojump_clock: trio.testing.MockClock, bus: FakeBus
+) -> None:
+    async with open_hub(bus, buffer=8, max_payload=1024, keepalive=15.0) as hub:
+        busy, idle = await admitted(hub), await admitted(hub, OTHER)
+        start = trio.current_time()
+
+        async def publish_every_second() -> None:
+            while True:
+                bus.deliver(f"chat.chunk.{CID}", b"{}")
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish_every_second)
+            await idle.recv.receive()  # the first keepalive
+            assert trio.current_time() - start == pytest.approx(15.0)
+            nursery.cancel_scope.cancel()
+        assert sse.KEEPALIVE not in drain(busy)
+        assert drain(idle) == []
+
+
+async def test_subscription_failure_ends_its_streams_not_the_hub(hub: Hub, bus: FakeBus) -> None:
+    bus.fail_with = RuntimeError("boom")
+    w = hub.join(CID)
+    await hub.admit(w)
+    frames = drain(w)
+    assert frames == [sse.error_frame("subscription failed")]
+    bus.fail_with = None
+    hub.leave(w)
+    ok = await admitted(hub)
+    assert not ok.overflowed
+
+
+async def test_close_sends_the_final_frame_and_ends_every_stream(hub: Hub) -> None:
+    a = await admitted(hub)
+    hub.close(b"retry: 1000\n\n")
+    assert drain(a) == [b"retry: 1000\n\n"]
+    with pytest.raises(trio.EndOfChannel):
+        a.recv.receive_nowait()
+    with pytest.raises(RuntimeError):
+        hub.join(CID)
+
+
+async def test_per_owner_counts(hub: Hub) -> None:
+    a = await admitted(hub, owner="s1")
+    await admitted(hub, owner="s1")
+    assert hub.watchers_of("s1") == 2
+    hub.leave(a)
+    assert hub.watchers_of("s1") == 1
+    assert hub.watchers_of("s2") == 0
