@@ -101,6 +101,26 @@ def sqlite_path(database_url: str | None) -> Path:
     return Path(database_url)
 
 
+class _AuthRequest:
+    __slots__ = ("conversation_id", "done", "error", "grant", "token_hash")
+
+    def __init__(self, token_hash: str, conversation_id: str | None) -> None:
+        self.token_hash = token_hash
+        self.conversation_id = conversation_id
+        self.done = trio.Event()
+        self.grant: Grant | None = None
+        self.error: StoreUnavailable | None = None
+
+
+def _grant(row: tuple[str, str | None] | None, req: _AuthRequest) -> Grant:
+    if row is None:
+        return Grant(Access.UNAUTHORIZED)
+    user_id, owner = row
+    if req.conversation_id is None or owner != user_id:
+        return Grant(Access.NOT_FOUND, user_id, req.token_hash)
+    return Grant(Access.GRANTED, user_id, req.token_hash)
+
+
 class SQLiteStore:
     """`Store` on one SQLite file, with a small pool of connections.
 
@@ -115,6 +135,8 @@ class SQLiteStore:
         self._pool: list[sqlite3.Connection] = []
         self._opened = 0
         self._limiter = trio.CapacityLimiter(pool_size)
+        self._auth_queue: list[_AuthRequest] = []
+        self._auth_leader = False
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, check_same_thread=False, timeout=5.0)
@@ -159,25 +181,52 @@ class SQLiteStore:
                 self._pool.pop().close()
 
     async def authorize(self, token: str, conversation_id: str | None) -> Grant:
-        token_hash = auth.hash_token(token)
+        # Watch requests arrive in bursts (a deploy, a reconnect storm): concurrent
+        # checks share one worker-thread round trip. The first caller runs batches
+        # until none is left, shielded, so that its own cancellation (its client left)
+        # never strands the others waiting on it.
+        req = _AuthRequest(auth.hash_token(token), conversation_id)
+        self._auth_queue.append(req)
+        if not self._auth_leader:
+            self._auth_leader = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._auth_queue:
+                        batch, self._auth_queue = self._auth_queue, []
+                        await self._authorize_batch(batch)
+            finally:
+                self._auth_leader = False
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.grant is not None
+        return req.grant
+
+    async def _authorize_batch(self, batch: list[_AuthRequest]) -> None:
         now = time.time()
 
-        def query(c: sqlite3.Connection) -> tuple[str, str | None] | None:
-            row = c.execute(
-                "SELECT s.user_id, c.owner_id FROM sessions s "
-                "LEFT JOIN conversations c ON c.id = ? "
-                "WHERE s.token_hash = ? AND s.revoked = 0 AND s.expires_at > ?",
-                (conversation_id, token_hash, now),
-            ).fetchone()
-            return None if row is None else (row[0], row[1])
+        def query(c: sqlite3.Connection) -> list[tuple[str, str | None] | None]:
+            out: list[tuple[str, str | None] | None] = []
+            for r in batch:
+                row = c.execute(
+                    "SELECT s.user_id, c.owner_id FROM sessions s "
+                    "LEFT JOIN conversations c ON c.id = ? "
+                    "WHERE s.token_hash = ? AND s.revoked = 0 AND s.expires_at > ?",
+                    (r.conversation_id, r.token_hash, now),
+                ).fetchone()
+                out.append(None if row is None else (row[0], row[1]))
+            return out
 
-        row = await self._run(query)
-        if row is None:
-            return Grant(Access.UNAUTHORIZED)
-        user_id, owner = row
-        if conversation_id is None or owner != user_id:
-            return Grant(Access.NOT_FOUND, user_id, token_hash)
-        return Grant(Access.GRANTED, user_id, token_hash)
+        try:
+            rows = await self._run(query)
+        except StoreUnavailable as exc:
+            for r in batch:
+                r.error = exc
+                r.done.set()
+            return
+        for r, row in zip(batch, rows, strict=True):
+            r.grant = _grant(row, r)
+            r.done.set()
 
     async def ping(self) -> bool:
         try:
