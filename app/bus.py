@@ -205,14 +205,13 @@ class Bus:
         """
         while True:
             await self.wait_connected()
-            pong = self._loop.create_future()
+            with trio.CancelScope(shield=True):
+                pong = await self._aio(self._ping_after_pending)
             done = trio.Event()
             pong.add_done_callback(lambda _f, done=done: done.set())
             # A lost connection drops pending PONGs: `_set_connected` wakes us instead.
             self._pong_waiters.add(done)
             try:
-                with trio.CancelScope(shield=True):
-                    await self._aio(self._nc._send_ping, pong)
                 await done.wait()
             finally:
                 self._pong_waiters.discard(done)
@@ -319,8 +318,27 @@ class Bus:
                 req.sub = await self._nc.subscribe(req.subject, cb=req.cb)
             except nats.errors.Error as exc:
                 req.error = exc
+        return await self._ping_after_pending()
+
+    async def _ping_after_pending(self) -> Any:
+        """Asyncio side: send a PING behind everything queued; return its PONG future.
+
+        nats-py queues SUB and PUB in `_pending` for its flusher task but writes PING
+        straight to the transport, so its PING can overtake the commands it should
+        confirm (seen: `:ok` sent before the SUB reached the server, and an event
+        published right after it lost). Write the pending commands first, with no
+        await in between, exactly as nats-py's flusher does. Not connected: the PONG
+        never comes; nats-py replays SUBs on reconnect and flushes before
+        `reconnected`, which the waiters take instead.
+        """
+        nc = self._nc
         pong = self._loop.create_future()
-        await self._nc._send_ping(pong)
+        if nc.is_connected:
+            if nc._pending_data_size > 0:
+                nc._transport.writelines(nc._pending[:])
+                nc._pending = []
+                nc._pending_data_size = 0
+            await nc._send_ping(pong)
         return pong
 
     async def publish(self, subject: str, payload: bytes) -> None:

@@ -14,8 +14,8 @@ import trio
 
 from app import __version__, ids
 from app.config import Settings
-from app.errors import ChatwatchError
-from app.store import DEFAULT_SESSION_TTL, open_store
+from app.errors import ChatwatchError, unwrap_single
+from app.store import DEFAULT_SESSION_TTL, open_store, sqlite_path
 
 DEFAULT_PUBLISH_NATS = "nats://127.0.0.1:4222"
 
@@ -209,6 +209,14 @@ def _admin(args: argparse.Namespace) -> Callable[[], Awaitable[str | None]]:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ) -> int:
     args = build_parser(env).parse_args(argv)
+    if getattr(args, "database_url", None) is not None:
+        # Checked before anything starts: an unsupported scheme is a usage error,
+        # not a traceback from deep inside the service.
+        try:
+            sqlite_path(args.database_url)
+        except ValueError as exc:
+            print(f"chatwatch: --database-url: {exc}", file=sys.stderr)
+            return 2
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -234,6 +242,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
         result = trio.run(_admin(args))
     except ChatwatchError as exc:
         print(f"chatwatch: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # Errors raised inside a nursery (publish_once's BusUnavailable) arrive wrapped.
+        error = unwrap_single(group)
+        if not isinstance(error, ChatwatchError):
+            raise
+        print(f"chatwatch: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -37,14 +37,20 @@ async def watch(url: str, conversation_id: str, token: str, out: TextIO = sys.st
     """Stream until the server ends it; return a process exit code."""
     target = f"{url.rstrip('/')}/api/ai/conversations/{conversation_id}/watch"
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
-    async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
-        client.stream("GET", target, headers=headers) as response,
-    ):
-        if response.status_code != 200:
-            body = (await response.aread()).decode("utf-8", "replace")
-            print(f"HTTP {response.status_code}: {body}", file=sys.stderr)
-            return 1
-        async for line in response.aiter_lines():
-            render(line, out)
+    try:
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
+            client.stream("GET", target, headers=headers) as response,
+        ):
+            if response.status_code != 200:
+                body = (await response.aread()).decode("utf-8", "replace")
+                print(f"HTTP {response.status_code}: {body}", file=sys.stderr)
+                return 1
+            async for line in response.aiter_lines():
+                render(line, out)
+    except httpx.TransportError as exc:
+        # Server not reachable, or the connection broke mid-stream: a message, not a
+        # traceback.
+        print(f"chatwatch: {target}: {exc}", file=sys.stderr)
+        return 1
     return 0
