@@ -45,17 +45,19 @@ async def test_concurrent_checks_survive_a_cancelled_leader(tmp_path: Path) -> N
 
     async def leader() -> None:
         with leader_scope:
-            await check()
+            (await store.authorize(token, cid)).access  # ruff: ignore[useless-expression]
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(leader)
-        await trio.testing.wait_all_tasks_blocked()  # the leader is in its thread call
-        for _ in range(50):
-            nursery.start_soon(check)
-        await trio.testing.wait_all_tasks_blocked()
-        leader_scope.cancel()  # its client left: the others must still be answered
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leader)
+            await trio.testing.wait_all_tasks_blocked()  # the leader is in its thread call
+            for _ in range(50):
+                nursery.start_soon(check)
+            await trio.testing.wait_all_tasks_blocked()
+            leader_scope.cancel()  # its client left: the others must still be answered
+    # Whether or not the leader's own answer arrived before its cancellation, the
+    # fifty requests that queued behind it were all answered.
     assert results == [Access.GRANTED] * 50
-    assert leader_scope.cancelled_caught
     await store.aclose()
 
 
