@@ -39,14 +39,52 @@ class ConnectionClosedForGood(Exception):
     """Raised by `open_bus` when nats-py closed the connection and will not reconnect."""
 
 
+class _DirectDelivery:
+    """Stands in for a nats-py subscription's pending queue: delivers inline.
+
+    nats-py's read loop hands each message to ``sub._pending_queue.put_nowait``; by
+    default that is an asyncio.Queue drained by one asyncio task per subscription
+    (or an iterator), a queue hop and a task switch per message, and a task per
+    conversation. Here ``put_nowait`` calls the handler at once, in the read loop,
+    in order. The handler only does non-blocking work (`Hub._deliver`); whatever it
+    raises is logged, never allowed into nats-py's read loop.
+    """
+
+    __slots__ = ("_handler", "_sub")
+
+    def __init__(self, sub: Any, handler: MessageHandler) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Any) -> None:
+        data = msg.data
+        self._sub._pending_size -= len(data)
+        try:
+            self._handler(msg.subject, data)
+        except Exception:
+            log.exception("message handler failed for %s", msg.subject)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+
 class _SubRequest:
     """A subscription asked for by a topic; filled in by the bus's manager task."""
 
     __slots__ = (
         "cancelled",
-        "cb",
         "confirmed",
         "error",
+        "handler",
         "pong",
         "ready",
         "released",
@@ -54,9 +92,9 @@ class _SubRequest:
         "subject",
     )
 
-    def __init__(self, subject: str, cb: Callable[[Any], Awaitable[None]]) -> None:
+    def __init__(self, subject: str, handler: MessageHandler) -> None:
         self.subject = subject
-        self.cb = cb
+        self.handler = handler
         self.ready = trio.Event()
         self.sub: Any = None
         self.error: Exception | None = None
@@ -232,14 +270,7 @@ class Bus:
         task, which removes it. Nothing here can be interrupted half-way, and no
         deadline can skip an UNSUB when the process is busy.
         """
-
-        async def cb(msg: Any) -> None:
-            try:
-                handler(msg.subject, msg.data)
-            except Exception:
-                log.exception("message handler failed for %s", msg.subject)
-
-        req = _SubRequest(subject, cb)
+        req = _SubRequest(subject, handler)
         self._pending_subs.append(req)
         self._work.set()
         try:
@@ -315,7 +346,8 @@ class Bus:
             return None
         for req in subs:
             try:
-                req.sub = await self._nc.subscribe(req.subject, cb=req.cb)
+                req.sub = await self._nc.subscribe(req.subject)
+                req.sub._pending_queue = _DirectDelivery(req.sub, req.handler)
             except nats.errors.Error as exc:
                 req.error = exc
         return await self._ping_after_pending()
