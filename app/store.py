@@ -10,6 +10,7 @@ connection pool has connections.
 from __future__ import annotations
 
 import enum
+import os
 import sqlite3
 import time
 import uuid
@@ -136,10 +137,22 @@ class SQLiteStore:
         self._opened = 0
         self._limiter = trio.CapacityLimiter(pool_size)
         self._auth_queue: list[_AuthRequest] = []
+        self._inodes: dict[int, int] = {}
         self._auth_leader = False
+
+    def _check_file(self, conn: sqlite3.Connection) -> None:
+        # An open connection keeps reading a database file that was deleted or
+        # replaced: that is an outage too, not a store to keep trusting.
+        try:
+            inode = os.stat(self._path).st_ino
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"database file: {exc}") from exc
+        if self._inodes.get(id(conn)) != inode:
+            raise sqlite3.OperationalError("database file was replaced")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, check_same_thread=False, timeout=5.0)
+        self._inodes[id(conn)] = os.stat(self._path).st_ino
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
@@ -152,9 +165,11 @@ class SQLiteStore:
             def work() -> tuple[sqlite3.Connection, T]:
                 c = conn if conn is not None else self._connect()
                 try:
+                    self._check_file(c)
                     return c, fn(c)
                 except BaseException:
                     if conn is None:
+                        self._inodes.pop(id(c), None)
                         c.close()
                     raise
 
@@ -164,6 +179,7 @@ class SQLiteStore:
                 if conn is not None:
                     # A connection that failed may be broken (file gone, disk error):
                     # drop it, the next call opens a fresh one.
+                    self._inodes.pop(id(conn), None)
                     conn.close()
                 raise StoreUnavailable(str(exc)) from exc
             except BaseException:
@@ -179,6 +195,7 @@ class SQLiteStore:
                 pass
             while self._pool:
                 self._pool.pop().close()
+            self._inodes.clear()
 
     async def authorize(self, token: str, conversation_id: str | None) -> Grant:
         # Watch requests arrive in bursts (a deploy, a reconnect storm): concurrent

@@ -19,6 +19,7 @@ from functools import partial
 import trio
 
 from app import embedded
+from app.bus import ConnectionClosedForGood
 from app.config import Settings
 from app.errors import unwrap_single
 
@@ -55,6 +56,11 @@ def main(command: str, settings: Settings) -> int:
         return trio.run(_supervise, settings)
     except KeyboardInterrupt:
         return 130
+    except ConnectionClosedForGood as exc:
+        # Serving streams that can never receive anything again would be worse than
+        # exiting: a supervisor restarts us, and the operator sees why.
+        log.critical("%s; exiting", exc)
+        return 3
 
 
 def _child_args(settings: Settings, nats_url: str) -> list[str]:

@@ -161,6 +161,8 @@ async def test_store_unreachable_is_503_with_retry_after(
     base = Path(str(tmp_path))
     svc = await start_service(nursery, nats, base)
     (seed,) = await svc.seed()
+    open_stream = await request(svc.port, watch_path(seed.conversation_id), token=seed.token)
+    assert await open_stream.next_frame() == b":ok"
     # The database file becomes unreadable: a directory where the file was.
     for suffix in ("", "-wal", "-shm"):
         p = svc.db_path.with_name(svc.db_path.name + suffix)
@@ -174,6 +176,15 @@ async def test_store_unreachable_is_503_with_retry_after(
     assert status == 503
     status, _, _ = await get(svc.port, "/healthz")
     assert status == 200
+    # The stream opened before the outage goes on.
+    pub = await svc.publisher()
+    await pub.publish(f"chat.chunk.{seed.conversation_id}", b'{"chunk_type":"token"}')
+    with trio.fail_after(5):
+        assert await open_stream.next_frame() == (
+            b'data: {"event":"token","data":{"chunk_type":"token"}}'
+        )
+    open_stream.abort()
+    await pub.aclose()
 
 
 async def test_unknown_routes_and_methods_are_json(svc: Service) -> None:
