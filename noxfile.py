@@ -140,3 +140,17 @@ def bench(session: nox.Session) -> None:
     )
     if failed:
         session.error(f"harness runs failed: {', '.join(failed)}")
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """NATS kill -9/restart cycles under load, 10000 abrupt connects, then a leak check
+    (subscriptions, fds, RSS, trio tasks if exposed, tracebacks), against a real
+    nats-server and the service as a subprocess. `nox -s chaos -- --restarts 3`.
+    """
+    # Imported here so that this session stays an addition to the file.
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "tests" / "chaos" / "run_chaos.py"
+    session.install("-e", ".[test]")
+    session.run("python", str(script), *session.posargs)

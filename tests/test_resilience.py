@@ -20,6 +20,7 @@ from app.store import SQLiteStore
 from tests.conftest import wait_until, watch_path
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
+from tests.resilience_util import free_port
 from tests.sseclient import request
 from tests.test_delivery import parse
 
@@ -29,12 +30,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager
