@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+import trio
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -48,11 +49,33 @@ class _HubCollector(Collector):
             "1 while the NATS connection is up",
             value=1.0 if self._nats() else 0.0,
         )
+        yield GaugeMetricFamily(
+            "chatwatch_trio_tasks", "Live trio tasks (leak detection)", value=_count_tasks()
+        )
+
+
+def _count_tasks() -> int:
+    # Walks the task tree from the root: O(tasks), only at scrape time.
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return 0
+    if root is None:
+        return 0
+    count, stack = 0, [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
 
 
 def make_registry(hub: Hub, is_nats_connected: Callable[[], bool]) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(_HubCollector(hub, is_nats_connected))
+    # process_resident_memory_bytes, process_open_fds, CPU seconds.
+    ProcessCollector(registry=registry)
     return registry
 
 

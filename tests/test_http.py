@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import trio
@@ -37,6 +38,8 @@ async def test_metrics_count_watchers_and_events(svc: Service) -> None:
     assert "chatwatch_events_in_total 1.0" in text
     assert "chatwatch_events_out_total 1.0" in text
     assert "chatwatch_nats_connected 1.0" in text
+    assert re.search(r"^chatwatch_trio_tasks [1-9][0-9]*\.0$", text, re.M)
+    assert re.search(r"^process_open_fds [1-9]", text, re.M)
     w.abort()
     await pub.aclose()
 
