@@ -235,28 +235,30 @@ class Bus:
     # -- operations ----------------------------------------------------------
 
     async def _confirm(self) -> None:
-        """Return once the server has processed everything written so far.
+        """Return once the server has processed everything written so far."""
+        await self.wait_connected()
+        with trio.CancelScope(shield=True):
+            pong = await self._aio(self._ping_after_pending)
+        done = trio.Event()
+        pong.add_done_callback(lambda _f: done.set())
+        await self._await_pong(pong, done)
 
-        Never cancels the PONG future (see module docstring). If the connection drops
-        before the PONG, nats-py replays our SUBs on reconnect and flushes before
-        `reconnected`, so being connected again is confirmation enough.
+    async def _await_pong(self, pong: Any, done: trio.Event) -> None:
+        """Wait for `pong` (whose done-callback sets `done`) without ever cancelling it.
+
+        A waiter that is cancelled only stops watching (module docstring). If the
+        connection drops first, the PONG never comes: nats-py replays every SUB on
+        reconnect and flushes before `reconnected`, so being back is confirmation.
         """
-        while True:
+        if pong.done():
+            return
+        self._pong_waiters.add(done)  # `_set_connected` wakes us on a disconnect
+        try:
+            await done.wait()
+        finally:
+            self._pong_waiters.discard(done)
+        if not pong.done():
             await self.wait_connected()
-            with trio.CancelScope(shield=True):
-                pong = await self._aio(self._ping_after_pending)
-            done = trio.Event()
-            pong.add_done_callback(lambda _f, done=done: done.set())
-            # A lost connection drops pending PONGs: `_set_connected` wakes us instead.
-            self._pong_waiters.add(done)
-            try:
-                await done.wait()
-            finally:
-                self._pong_waiters.discard(done)
-            if pong.done():
-                return
-            if self.connected:
-                return  # reconnected: nats-py replayed and flushed the SUBs
 
     @asynccontextmanager
     async def subscription(
@@ -290,22 +292,8 @@ class Bus:
             self._work.set()
 
     async def _wait_confirmed(self, req: _SubRequest) -> None:
-        # Never cancels the PONG future (module docstring): only watches it.
-        while True:
-            pong, done = req.pong, req.confirmed
-            if pong is None or done is None or pong.done():
-                return
-            self._pong_waiters.add(done)
-            try:
-                await done.wait()
-            finally:
-                self._pong_waiters.discard(done)
-            if pong.done():
-                return
-            # The connection dropped before the PONG: nats-py replays every SUB on
-            # reconnect and flushes before `reconnected`, so being back is enough.
-            await self.wait_connected()
-            return
+        if req.pong is not None and req.confirmed is not None:
+            await self._await_pong(req.pong, req.confirmed)
 
     async def _manage_subscriptions(self) -> None:
         """The one task that talks SUB/UNSUB to nats-py, in batches.

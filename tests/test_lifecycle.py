@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import trio
 import trio.lowlevel
 
-from app.store import SQLiteStore
 from tests.conftest import (
     Service,
     chunk,
@@ -24,7 +20,8 @@ from tests.conftest import (
 )
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
-from tests.sseclient import request
+from tests.served import served
+from tests.sseclient import Response, request
 from tests.test_delivery import parse, watch
 
 
@@ -173,65 +170,24 @@ async def test_idle_stream_gets_keepalives(
 async def test_sigterm_with_open_streams_ends_them_and_exits_0(
     nats: NatsProcess, tmp_path: Path
 ) -> None:
-    db = tmp_path / "cw.db"
-    store = SQLiteStore(db)
-    user = await store.add_user("u")
-    token = await store.create_session(user)
-    cids = [await store.create_conversation(user) for _ in range(5)]
-    await store.aclose()
-    port_file = tmp_path / "port"
-    env = {**os.environ, "CHATWATCH_DATABASE_URL": f"sqlite:///{db}"}
-    with trio.socket.socket() as probe:
-        await probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    port_file.write_text(str(port))
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "serve",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--nats-url",
-            nats.url,
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        with trio.fail_after(15):
-            while True:
-                try:
-                    response = await request(port, watch_path(cids[0]), token=token)
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
-        assert await response.next_frame() == b":ok"
-        streams = [response] + [await watch_port(port, c, token) for c in cids[1:]]
+    async with served(nats, tmp_path, conversations=5, db_in_env=True) as srv:
+        streams = [await watch_port(srv.port, c, srv.token) for c in srv.cids]
         start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(signal.SIGTERM)
         for s in streams:
             with trio.fail_after(5):
                 rest = await s.read_body()
             assert rest.startswith(b"retry: 1000\n")
         with trio.fail_after(5):
-            code = await proc.wait()
+            code = await srv.proc.wait()
         elapsed = time.monotonic() - start
         assert code == 0
         assert elapsed < 2.0, elapsed
-        assert proc.stderr is not None
-        err = await proc.stderr.receive_some(1 << 16)
-        assert b"Traceback" not in err, err.decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert srv.log is not None
+        assert b"Traceback" not in srv.log.read_bytes()
 
 
-async def watch_port(port: int, cid: str, token: str):  # type: ignore[no-untyped-def]
+async def watch_port(port: int, cid: str, token: str) -> Response:
     response = await request(port, watch_path(cid), token=token)
     assert await response.next_frame() == b":ok"
     return response

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from app.embedded import nats_server_binary
-from tests.resilience_util import free_port
+from tests.served import free_port
 
 
 def write_conf(path: Path, port: int, password: str) -> None:
