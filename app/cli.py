@@ -101,7 +101,7 @@ def _add_serve_options(p: _EnvParser, *, bind: str) -> None:
     p.add_option(
         "--shutdown-grace",
         type=_positive_float,
-        default=1.5,
+        default=1.0,
         help="seconds streams get to close at shutdown",
     )
     p.add_option(

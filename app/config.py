@@ -20,7 +20,7 @@ class Settings:
     max_watchers: int = 20000
     max_watchers_per_session: int = 100
     # Seconds hypercorn waits for streams to end after the shutdown frames went out.
-    shutdown_grace: float = 1.5
+    shutdown_grace: float = 1.0
     workers: int = 1
     # Set for the children of `--workers N`: the port is shared with SO_REUSEPORT.
     reuse_port: bool = False

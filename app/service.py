@@ -144,7 +144,7 @@ async def run(
                 await stop.wait()
                 # hypercorn returns once its connections are closed (or after the grace
                 # period); then the rest of this nursery goes.
-                with trio.move_on_after(settings.shutdown_grace + 1):
+                with trio.move_on_after(settings.shutdown_grace):
                     await serve_done.wait()
                 server_nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

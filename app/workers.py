@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from functools import partial
+from typing import NoReturn
 
 import trio
 
@@ -40,6 +41,19 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def _exit_now(code: int) -> NoReturn:
+    """Exit without interpreter finalization, once `run` has closed everything.
+
+    Every stream, socket, subscription and child is closed by then (structured
+    concurrency saw to it); what finalization would still do is walk thousands of dead
+    connection objects, a quarter of a second with 5000 streams, while a deploy waits.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(command: str, settings: Settings) -> int:
     tune_gc()
     try:
@@ -52,7 +66,7 @@ def main(command: str, settings: Settings) -> int:
             from app.service import run
 
             trio.run(run, settings)
-            return 0
+            _exit_now(0)
         return trio.run(_supervise, settings)
     except KeyboardInterrupt:
         return 130

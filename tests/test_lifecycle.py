@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import time
 from pathlib import Path
@@ -203,3 +204,42 @@ async def test_unknown_subject_kinds_are_ignored(svc: Service) -> None:
         assert parse(await w.next_frame() or b"")[0] == "done"
     w.abort()
     await pub.aclose()
+
+
+async def test_sigterm_with_2000_open_streams_exits_0_within_2s(
+    nats: NatsProcess, tmp_path: Path
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    async with served(
+        nats, tmp_path, "--max-watchers-per-session", "5000", conversations=400
+    ) as srv:
+        streams: list[Response] = []
+        limiter = trio.CapacityLimiter(200)
+
+        async def connect(cid: str) -> None:
+            async with limiter:
+                streams.append(await watch_port(srv.port, cid, srv.token))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(2000):
+                nursery.start_soon(connect, srv.cids[i % len(srv.cids)])
+        ended = 0
+
+        async def drain(s: Response) -> None:
+            nonlocal ended
+            if (await s.read_body()).startswith(b"retry: 1000\n"):
+                ended += 1
+
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for s in streams:
+                    nursery.start_soon(drain, s)
+            code = await srv.proc.wait()
+        elapsed = time.monotonic() - start
+        assert (code, ended) == (0, 2000)
+        assert elapsed < 2.0, elapsed
+        for s in streams:
+            await s.aclose()
