@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff, with the ASYNC rules (see pyproject.toml)."""
-    session.install("ruff>=0.6")
+    session.install("ruff>=0.17")
     session.run("ruff", "check", "app", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "app", "tests", "noxfile.py")
 
@@ -33,7 +33,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(name="format")
 def format_(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install("ruff>=0.17")
     session.run("ruff", "check", "--fix", "app", "tests", "noxfile.py")
     session.run("ruff", "format", "app", "tests", "noxfile.py")
 

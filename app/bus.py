@@ -198,6 +198,10 @@ class Bus:
                     reconnect_time_wait=0.25,
                     connect_timeout=2,
                     drain_timeout=int(_DRAIN_DEADLINE),
+                    # nats-py's default (120 s x 2 outstanding) takes minutes to notice
+                    # a server that vanished without FIN/RST; this, about 15 s.
+                    ping_interval=5,
+                    max_outstanding_pings=3,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,

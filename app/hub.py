@@ -41,6 +41,8 @@ class BusLike(Protocol):
 
     def add_status_listener(self, listener: Callable[[bool], None]) -> None: ...
 
+    async def wait_connected(self) -> None: ...
+
     def subscription(
         self, subject: str, handler: MessageHandler
     ) -> AbstractAsyncContextManager[None]: ...
@@ -183,7 +185,11 @@ class Hub:
             w.told_down = True
             self._push(w, NATS_NOT_AVAILABLE)
         await topic.live.wait()
-        if w.overflowed or topic.failed or w not in topic.members:
+        # A conversation that was live before an outage stays "live" (nats-py replays
+        # its SUB on reconnect and flushes before saying so): `:ok` must still wait
+        # for the connection, or events published meanwhile would be owed and lost.
+        await self._bus.wait_connected()
+        if w.overflowed or topic.failed or self._closed or w not in topic.members:
             return
         self._push(w, sse.OK)
         if not w.overflowed:
@@ -243,6 +249,7 @@ class Hub:
         frame = event.frame
         topic.active = True
         slow: list[Watcher] | None = None
+        gone: list[Watcher] | None = None
         for w in topic.attached:
             try:
                 w.send.send_nowait(frame)
@@ -250,7 +257,18 @@ class Hub:
                 if slow is None:
                     slow = []
                 slow.append(w)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # Closed by `close` (shutdown): no longer fed, and not a slow consumer.
+                # The rest of the list still gets the frame.
+                if gone is None:
+                    gone = []
+                gone.append(w)
         self.events_out += len(topic.attached)
+        if gone is not None:
+            self.events_out -= len(gone)
+            for w in gone:
+                w.attached = False
+                topic.attached.remove(w)
         if slow is not None:
             self.events_out -= len(slow)
             for w in slow:

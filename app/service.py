@@ -60,6 +60,7 @@ async def _watch_signals(stop: trio.Event) -> None:
         async for signum in signals:
             if stop.is_set():
                 log.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+                embedded.kill_children()
                 os._exit(1)
             log.info("%s: shutting down", signal.Signals(signum).name)
             stop.set()

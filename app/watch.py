@@ -33,13 +33,30 @@ def _cancel_if_busy(nursery: trio.Nursery) -> None:
 class WatchBody(ResponseBody):
     """Streams one watcher; the hub forgets it when the body is closed, however."""
 
-    def __init__(self, hub: Hub, watcher: Watcher) -> None:
+    def __init__(self, hub: Hub, conversation_id: str, owner: str | None) -> None:
         self._hub = hub
-        self._watcher = watcher
+        self._conversation_id = conversation_id
+        self._owner = owner
+        self._watcher: Watcher | None = None
         self._stack = AsyncExitStack()
         self._ended = False
 
+    @classmethod
+    def for_watcher(cls, hub: Hub, watcher: Watcher) -> WatchBody:
+        """A body around an already joined watcher (unit tests of the drain loop)."""
+        body = cls(hub, watcher.topic.conversation_id, watcher.owner)
+        body._watcher = watcher
+        return body
+
     async def __aenter__(self) -> WatchBody:
+        # Joining here, not in the route, pairs `join` with `leave` in one place with
+        # no checkpoint between them: a client that hangs up while the response head
+        # is being sent can never leave a watcher (and its subscription) behind.
+        if self._hub.closed:
+            self._ended = True
+            return self
+        if self._watcher is None:
+            self._watcher = self._hub.join(self._conversation_id, self._owner)
         stack = self._stack
         stack.callback(self._hub.leave, self._watcher)
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -65,11 +82,14 @@ class WatchBody(ResponseBody):
         return self
 
     async def __anext__(self) -> bytes:
-        recv = self._watcher.recv
+        watcher = self._watcher
+        if watcher is None:
+            raise StopAsyncIteration
+        recv = watcher.recv
         try:
             first = await recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            if self._watcher.overflowed and not self._ended:
+            if watcher.overflowed and not self._ended:
                 self._ended = True
                 return SLOW_CONSUMER
             raise StopAsyncIteration from None

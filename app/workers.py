@@ -113,6 +113,9 @@ def _child_args(settings: Settings, nats_url: str) -> list[str]:
 
 
 async def _supervise(settings: Settings) -> int:
+    """Run the workers; on a signal, forward it once to each; if one worker exits on
+    its own, stop the others too, so that the supervisor above us sees the failure
+    and restarts the whole service rather than running with less capacity."""
     codes: list[int] = []
     try:
         async with trio.open_nursery() as nursery:
@@ -122,29 +125,54 @@ async def _supervise(settings: Settings) -> int:
                 server = await nursery.start(embedded.serve_nats, settings.nats_data_dir)
                 nats_url = server.url
             env = {k: v for k, v in os.environ.items() if not k.startswith("CHATWATCH_")}
+            procs: list[trio.Process] = []
             async with trio.open_nursery() as children:
-                procs: list[trio.Process] = []
                 for _ in range(settings.workers):
+                    # Own session: a terminal's Ctrl-C or a group-wide SIGTERM reaches
+                    # only us, and each worker gets exactly one signal, from us.
                     proc = await children.start(
                         partial(
-                            trio.run_process, _child_args(settings, nats_url), check=False, env=env
+                            trio.run_process,
+                            _child_args(settings, nats_url),
+                            check=False,
+                            env=env,
+                            start_new_session=True,
                         )
                     )
                     procs.append(proc)
                 log.info("%d workers on %s", len(procs), settings.bind)
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                stopping = trio.Event()
 
-                    async def forward() -> None:
-                        async for signum in signals:
-                            for p in procs:
-                                if p.returncode is None:
-                                    p.send_signal(signum)
-
-                    children.start_soon(forward)
+                def stop_all(signum: int) -> None:
+                    stopping.set()
                     for p in procs:
-                        codes.append(await p.wait())
-                    children.cancel_scope.cancel()
+                        if p.returncode is None:
+                            p.send_signal(signum)
+
+                async def forward_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            if stopping.is_set():
+                                embedded.kill_children()
+                                for p in procs:
+                                    if p.returncode is None:
+                                        p.kill()
+                            stop_all(signum)
+
+                async def watch(p: trio.Process) -> None:
+                    code = await p.wait()
+                    codes.append(code)
+                    if not stopping.is_set():
+                        log.error("worker %d exited with %d; stopping the others", p.pid, code)
+                        stop_all(signal.SIGTERM)
+
+                children.start_soon(forward_signals)
+                async with trio.open_nursery() as watchers:
+                    for p in procs:
+                        watchers.start_soon(watch, p)
+                children.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise unwrap_single(group) from None
+    # 0 only if every worker shut down cleanly.
     return max((abs(c) for c in codes), default=0)

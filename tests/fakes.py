@@ -34,6 +34,10 @@ class FakeBus:
         for listener in self._listeners:
             listener(value)
 
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            await self._changed.wait()
+
     @asynccontextmanager
     async def subscription(self, subject: str, handler: Handler) -> AsyncGenerator[None, None]:
         self.subscribe_calls += 1

@@ -91,7 +91,7 @@ async def test_slow_consumer_is_cut_off_alone(hub: Hub, bus: FakeBus) -> None:
         drain(fast)
     assert slow.overflowed
     assert hub.statistics().slow_consumers == 1
-    body = WatchBody(hub, slow)
+    body = WatchBody.for_watcher(hub, slow)
     got = []
     async for chunk in body:
         got.append(chunk)
@@ -111,6 +111,31 @@ async def test_watcher_arriving_while_nats_is_down(hub: Hub, bus: FakeBus) -> No
         assert drain(w) == [NATS_NOT_AVAILABLE]
         bus.set_connected(True)
     assert drain(w) == [sse.OK]
+
+
+async def test_no_ok_while_nats_is_down_even_for_a_live_conversation(
+    hub: Hub, bus: FakeBus
+) -> None:
+    await admitted(hub)  # the conversation's subscription is live
+    bus.set_connected(False)
+    late = hub.join(CID)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.admit, late)
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain(late) == [NATS_NOT_AVAILABLE]  # and no `:ok` yet
+        bus.set_connected(True)
+    assert drain(late) == [sse.OK]
+
+
+async def test_a_closed_watcher_does_not_stop_delivery_to_the_others(
+    hub: Hub, bus: FakeBus
+) -> None:
+    a, b, c = await admitted(hub), await admitted(hub), await admitted(hub)
+    b.send.close()
+    bus.deliver(f"chat.chunk.{CID}", b"{}")
+    assert len(drain(a)) == len(drain(c)) == 1
+    assert not b.overflowed
+    assert hub.statistics().slow_consumers == 0
 
 
 async def test_connection_lost_is_told_once_to_each_open_stream(hub: Hub, bus: FakeBus) -> None:

@@ -117,3 +117,32 @@ def test_workers_children_are_real_processes(tmp_path: Path) -> None:
         env={**os.environ},
     ).stdout
     assert "--workers" in out
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc: trio forks from worker threads, so
+    /proc/PID/task/PID/children would miss them)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+async def test_a_dead_worker_stops_the_others_and_the_supervisor_fails(
+    nats: NatsProcess, tmp_path: Path
+) -> None:
+    async with served(nats, tmp_path, "--workers", "2") as srv:
+        with trio.fail_after(10):
+            while len(kids := await trio.to_thread.run_sync(children_of, srv.proc.pid)) < 2:  # ruff: ignore[async-busy-wait]
+                await trio.sleep(0.05)  # another process's state: nothing to await
+        first = kids[0]
+        os.kill(first, signal.SIGKILL)
+        with trio.fail_after(10):
+            code = await srv.proc.wait()
+        assert code != 0
+        assert "stopping the others" in (srv.log.read_text() if srv.log else "")

@@ -107,6 +107,13 @@ def test_payload_over_the_limit_becomes_an_error_event_naming_its_size() -> None
     assert "101 bytes" in data
 
 
+def test_absurdly_deep_json_is_delivered_as_text() -> None:
+    payload = b"[" * 200_000
+    ev = parse_event("chunk", payload, MAX)
+    assert ev is not None
+    assert decode_frame(ev.frame) == ("chunk", payload.decode())
+
+
 def test_unknown_kind_is_none() -> None:
     assert parse_event("other", b"{}", MAX) is None
 
