@@ -81,6 +81,12 @@ def _add_serve_options(p: _EnvParser, *, bind: str) -> None:
         help="frames queued per watcher before it is cut off as a slow consumer",
     )
     p.add_option(
+        "--watcher-buffer-bytes",
+        type=_positive_int,
+        default=16 * 1024 * 1024,
+        help="bytes queued per watcher before it is cut off as a slow consumer",
+    )
+    p.add_option(
         "--max-payload",
         type=_positive_int,
         default=1024 * 1024,
@@ -180,6 +186,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         database_url=args.database_url,
         keepalive=args.keepalive,
         watcher_buffer=args.watcher_buffer,
+        watcher_buffer_bytes=args.watcher_buffer_bytes,
         max_payload=args.max_payload,
         max_watchers=args.max_watchers,
         max_watchers_per_session=args.max_watchers_per_session,

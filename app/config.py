@@ -15,6 +15,8 @@ class Settings:
     keepalive: float = 15.0
     # Frames a watcher may have queued before it is cut off as a slow consumer.
     watcher_buffer: int = 8192
+    # ... and bytes: whichever limit is reached first.
+    watcher_buffer_bytes: int = 16 * 1024 * 1024
     # NATS payloads larger than this become an `error` event naming the size.
     max_payload: int = 1024 * 1024
     max_watchers: int = 20000

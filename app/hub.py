@@ -61,7 +61,16 @@ class HubStatistics:
 class Watcher:
     """One SSE client of one conversation: a bounded channel the response drains."""
 
-    __slots__ = ("attached", "overflowed", "owner", "recv", "send", "told_down", "topic")
+    __slots__ = (
+        "attached",
+        "overflowed",
+        "owner",
+        "queued_bytes",
+        "recv",
+        "send",
+        "told_down",
+        "topic",
+    )
 
     def __init__(self, topic: Topic, buffer: int, owner: str | None) -> None:
         self.send, self.recv = trio.open_memory_channel[bytes](buffer)
@@ -70,6 +79,8 @@ class Watcher:
         self.attached = False
         self.overflowed = False
         self.told_down = False
+        # Bytes of frames queued and not yet taken by the response (see WatchBody).
+        self.queued_bytes = 0
 
 
 class Topic:
@@ -98,11 +109,13 @@ class Hub:
         bus: BusLike,
         *,
         buffer: int = 8192,
+        buffer_bytes: int = 16 * 1024 * 1024,
         max_payload: int = 1024 * 1024,
         keepalive: float = 15.0,
     ) -> None:
         self._bus = bus
         self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
         self._max_payload = max_payload
         self._keepalive = keepalive
         self._topics: dict[str, Topic] = {}
@@ -223,6 +236,7 @@ class Hub:
     def _push(self, w: Watcher, frame: bytes) -> None:
         try:
             w.send.send_nowait(frame)
+            w.queued_bytes += len(frame)
         except trio.WouldBlock:
             self._overflow(w)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -250,9 +264,14 @@ class Hub:
         topic.active = True
         slow: list[Watcher] | None = None
         gone: list[Watcher] | None = None
+        size = len(frame)
+        cap = self._buffer_bytes - size
         for w in topic.attached:
             try:
+                if w.queued_bytes > cap:
+                    raise trio.WouldBlock
                 w.send.send_nowait(frame)
+                w.queued_bytes += size
             except trio.WouldBlock:
                 if slow is None:
                     slow = []
@@ -328,10 +347,21 @@ class Hub:
 
 @asynccontextmanager
 async def open_hub(
-    bus: BusLike, *, buffer: int, max_payload: int, keepalive: float
+    bus: BusLike,
+    *,
+    buffer: int,
+    max_payload: int,
+    keepalive: float,
+    buffer_bytes: int = 16 * 1024 * 1024,
 ) -> AsyncGenerator[Hub, None]:
     """A running hub; its subscriptions are removed when the block exits."""
-    hub = Hub(bus, buffer=buffer, max_payload=max_payload, keepalive=keepalive)
+    hub = Hub(
+        bus,
+        buffer=buffer,
+        buffer_bytes=buffer_bytes,
+        max_payload=max_payload,
+        keepalive=keepalive,
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run)

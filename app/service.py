@@ -97,6 +97,7 @@ async def run(
                 open_hub(
                     bus,
                     buffer=settings.watcher_buffer,
+                    buffer_bytes=settings.watcher_buffer_bytes,
                     max_payload=settings.max_payload,
                     keepalive=settings.keepalive,
                 )

@@ -98,6 +98,7 @@ class WatchBody(ResponseBody):
         try:
             second = recv.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
+            watcher.queued_bytes -= len(first)
             return first
         parts = [first, second]
         size = len(first) + len(second)
@@ -108,4 +109,5 @@ class WatchBody(ResponseBody):
                 size += len(frame)
         except (trio.WouldBlock, trio.EndOfChannel):
             pass
+        watcher.queued_bytes -= size
         return b"".join(parts)

@@ -94,6 +94,8 @@ def _child_args(settings: Settings, nats_url: str) -> list[str]:
         str(settings.keepalive),
         "--watcher-buffer",
         str(settings.watcher_buffer),
+        "--watcher-buffer-bytes",
+        str(settings.watcher_buffer_bytes),
         "--max-payload",
         str(settings.max_payload),
         "--max-watchers",

@@ -29,11 +29,13 @@ async def hub(bus: FakeBus) -> AsyncIterator[Hub]:
 
 
 def drain(w: Watcher) -> list[bytes]:
+    """Take what is queued, as the response body would (bytes accounting included)."""
     out = []
     while True:
         try:
             out.append(w.recv.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
+            w.queued_bytes -= sum(map(len, out))
             return out
 
 
@@ -100,6 +102,23 @@ async def test_slow_consumer_is_cut_off_alone(hub: Hub, bus: FakeBus) -> None:
     assert got[0].count(b"\n\n") == 8
     bus.deliver(f"chat.chunk.{CID}", b"{}")
     assert drain(fast) == [b'data: {"event":"chunk","data":{}}\n\n']
+
+
+async def test_slow_consumer_by_bytes(bus: FakeBus) -> None:
+    async with open_hub(
+        bus, buffer=1000, buffer_bytes=1000, max_payload=4096, keepalive=15.0
+    ) as hub:
+        w = await admitted(hub)
+        frame_size = len(b'data: {"event":"chunk","data":"' + b"x" * 290 + b'"}\n\n')
+        for _ in range(3):
+            bus.deliver(f"chat.chunk.{CID}", b"x" * 290)
+        assert hub.statistics().slow_consumers == 0
+        assert w.queued_bytes == 3 * frame_size
+        bus.deliver(f"chat.chunk.{CID}", b"x" * 290)  # would pass 1000 bytes
+        assert hub.statistics().slow_consumers == 1
+        got = [chunk async for chunk in WatchBody.for_watcher(hub, w)]
+        assert got[-1] == SLOW_CONSUMER
+        assert w.queued_bytes == 0
 
 
 async def test_watcher_arriving_while_nats_is_down(hub: Hub, bus: FakeBus) -> None:
