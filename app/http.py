@@ -11,7 +11,7 @@ from typing import Any
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from app import auth, ids, metrics, openapi
 from app.errors import StoreUnavailable
@@ -72,7 +72,10 @@ def create_app(
         if exc.code == 404:
             return _json(NOT_FOUND, 404)
         name = (exc.name or "error").lower().replace(" ", "_")
-        return _json(json.dumps({"error": name}).encode(), exc.code or 500)
+        headers = None
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers = {"Allow": ", ".join(sorted(exc.valid_methods))}
+        return _json(json.dumps({"error": name}).encode(), exc.code or 500, headers)
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
