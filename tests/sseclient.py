@@ -112,8 +112,17 @@ async def request(
     headers: dict[str, str] | None = None,
     method: str = "GET",
     version: str = "HTTP/1.1",
+    rcvbuf: int | None = None,
 ) -> Response:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if rcvbuf is None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    else:
+        # A small receive buffer set before connecting: the window stays small, so a
+        # client that stops reading stalls the server's writer quickly.
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
     lines = [f"{method} {path} {version}", f"Host: 127.0.0.1:{port}"]
     if token is not None:
         lines.append(f"Authorization: Bearer {token}")

@@ -18,7 +18,7 @@ from tests.conftest import wait_until, watch_path
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
 from tests.served import served
-from tests.sseclient import request
+from tests.sseclient import Response, request
 from tests.test_delivery import parse
 
 
@@ -146,3 +146,73 @@ async def test_a_dead_worker_stops_the_others_and_the_supervisor_fails(
             code = await srv.proc.wait()
         assert code != 0
         assert "stopping the others" in (srv.log.read_text() if srv.log else "")
+
+
+async def test_stalled_reader_during_a_full_speed_flood_over_100_conversations(
+    nats: NatsProcess, tmp_path: Path
+) -> None:
+    async with served(
+        nats,
+        tmp_path,
+        "--watcher-buffer",
+        "2048",
+        "--write-timeout",
+        "300",
+        conversations=100,
+    ) as srv:
+        # One stalled reader on the first conversation, one reader per conversation
+        # that keeps up (it only counts bytes, it does not parse).
+        stalled = await request(srv.port, watch_path(srv.cids[0]), token=srv.token)
+        assert await stalled.next_frame() == b":ok"
+        readers = []
+        for cid in srv.cids:
+            r = await request(srv.port, watch_path(cid), token=srv.token)
+            assert await r.next_frame() == b":ok"
+            readers.append(r)
+        base = rss_kb(srv.proc.pid)
+        peak = base
+        pub = await RawNats.connect(nats.client_port)
+        pad = "f" * 900
+        # The stalled reader's conversation carries larger events, so that the kernel's
+        # socket buffers (several MiB on loopback) fill and its writer parks.
+        big = "B" * 60_000
+        per_conversation = 300
+        done = trio.Event()
+
+        async def read_all(r: Response) -> None:
+            while not done.is_set():
+                await r.stream.receive_some(1 << 16)
+
+        async with trio.open_nursery() as nursery:
+            for r in readers:
+                nursery.start_soon(read_all, r)
+            with trio.fail_after(120):
+                for i in range(per_conversation):
+                    await pub.publish_many(
+                        [
+                            (
+                                f"chat.chunk.{cid}",
+                                json.dumps(
+                                    {"chunk_type": "token", "i": i, "p": big if n == 0 else pad}
+                                ).encode(),
+                            )
+                            for n, cid in enumerate(srv.cids)
+                        ]
+                    )
+                    if i % 50 == 0:
+                        peak = max(peak, rss_kb(srv.proc.pid))
+                await pub.flush()
+                # Every healthy reader got its conversation's events: the service
+                # counted them out and none of them was cut off.
+                while "chatwatch_slow_consumers_total 1.0" not in await metrics(srv.port):  # ruff: ignore[async-busy-wait]
+                    await trio.sleep(0.05)
+            peak = max(peak, rss_kb(srv.proc.pid))
+            done.set()
+            nursery.cancel_scope.cancel()
+        text = await metrics(srv.port)
+        assert "chatwatch_slow_consumers_total 1.0" in text  # only the stalled one
+        assert (peak - base) < 50 * 1024, f"RSS grew by {(peak - base) // 1024} MiB"
+        stalled.abort()
+        for r in readers:
+            r.abort()
+        await pub.aclose()
