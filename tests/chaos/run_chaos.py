@@ -7,9 +7,10 @@ wheel (`tests.natsproc.NatsProcess`, killed with SIGKILL and restarted on the sa
 ports), the service as a subprocess (`python -m app serve ...`, stderr in a log file),
 a raw NATS publisher and raw SSE clients on trio sockets. The sequence:
 
-0. warm-up: 200 watchers + as many churn connects as phase 2, while publishing, all
-   closed; then the baseline (fds, RSS, trio tasks if exposed) is taken, so that
-   allocator growth up to the run's high-water mark is not counted as a leak.
+0. warm-up: 200 watchers, two NATS restarts, as many churn connects as phase 2,
+   while publishing, all closed; then the baseline (fds, RSS, trio tasks if exposed)
+   is taken, so that allocator growth up to the run's high-water mark is not counted
+   as a leak.
 1. 200 watchers (50 conversations x 4) at `:ok`, a publisher at ~1000 events/s over
    those conversations (payload: conv + per-conversation seq), then N cycles of
    kill -9 nats-server / restart / wait for the resubscription / keep publishing.
@@ -849,6 +850,15 @@ async def _run_with_service(
         async with trio.open_nursery() as wn:
             warm = await open_watchers(wn, port, token, watched)
             await trio.sleep(1.0)
+            # Two NATS restarts in the warm-up too, so that the reconnect paths have
+            # reached their high-water mark before the baseline is taken.
+            wanted = {f"chat.*.{cid}" for cid in watched}
+            for k in (1, 2):
+                await trio.to_thread.run_sync(nats.kill)
+                await poll(all_lost(warm, k), 10.0)
+                await trio.to_thread.run_sync(nats.start)
+                await wait_subscriptions(nats, lambda subs: wanted <= set(subs), 15.0)
+                await pub.barrier()
             stats, done, secs = await churn(
                 port, token, watched, churn_cids, cfg.churn, 100.0, seed=1
             )
