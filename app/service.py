@@ -14,10 +14,12 @@ unwinds in turn. A second signal exits at once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -53,6 +55,25 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> hypercorn.c
     config.keep_alive_timeout = 30
     config.h11_max_incomplete_size = 16 * 1024
     return config
+
+
+async def collect_garbage(min_interval: float = 10.0, budget: float = 0.01) -> None:
+    """Full garbage collections on a schedule, at most `budget` of the CPU.
+
+    Every cancelled stream leaves reference cycles (a Cancelled and the exception
+    group around it, whose tracebacks hold quart, hypercorn and trio frames); only a
+    full collection frees them, and CPython's own schedule runs one rarely (measured:
+    RSS +1.3 MiB per 5000 aborted streams, still growing after 40000; flat with
+    regular full collections). The pause blocks the loop for as long as the
+    collection takes, so the next one waits at least 1/`budget` times that long.
+    """
+    interval = min_interval
+    while True:
+        await trio.sleep(interval)
+        started = time.perf_counter()
+        gc.collect()
+        took = time.perf_counter() - started
+        interval = max(min_interval, took / budget)
 
 
 async def _watch_signals(stop: trio.Event) -> None:
@@ -138,6 +159,7 @@ async def run(
             async with trio.open_nursery() as server_nursery:
                 if handle_signals:
                     server_nursery.start_soon(_watch_signals, stop)
+                server_nursery.start_soon(collect_garbage)
                 binds = await server_nursery.start(serve_app)
                 log.info("serving on %s", ", ".join(binds))
                 if extra is not None:
