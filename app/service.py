@@ -106,12 +106,17 @@ async def run(
     try:
         async with AsyncExitStack() as stack:
             outer = await stack.enter_async_context(trio.open_nursery())
+            # Cancelled when everything inside has closed: the embedded server and the
+            # signal watcher live until the very end (a second signal must work even
+            # while a stalled client holds hypercorn's uncancellable write).
+            stack.callback(outer.cancel_scope.cancel)
+            if handle_signals:
+                outer.start_soon(_watch_signals, stop)
             if settings.nats_urls:
                 nats_urls = list(settings.nats_urls)
             else:
                 server = await outer.start(embedded.serve_nats, settings.nats_data_dir)
                 nats_urls = [server.url]
-                stack.callback(outer.cancel_scope.cancel)
             store = await stack.enter_async_context(open_store(settings.database_url))
             bus = await stack.enter_async_context(open_bus(nats_urls))
             hub = await stack.enter_async_context(
@@ -157,8 +162,6 @@ async def run(
                     serve_done.set()
 
             async with trio.open_nursery() as server_nursery:
-                if handle_signals:
-                    server_nursery.start_soon(_watch_signals, stop)
                 server_nursery.start_soon(collect_garbage)
                 binds = await server_nursery.start(serve_app)
                 log.info("serving on %s", ", ".join(binds))

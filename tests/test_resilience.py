@@ -216,3 +216,32 @@ async def test_stalled_reader_during_a_full_speed_flood_over_100_conversations(
         for r in readers:
             r.abort()
         await pub.aclose()
+
+
+async def test_second_signal_exits_at_once_while_a_stalled_write_holds_shutdown(
+    nats: NatsProcess, tmp_path: Path
+) -> None:
+    async with served(nats, tmp_path, "--write-timeout", "300") as srv:
+        cid = srv.cids[0]
+        stalled = await request(srv.port, watch_path(cid), token=srv.token, rcvbuf=4096)
+        assert await stalled.next_frame() == b":ok"
+        pub = await RawNats.connect(nats.client_port)
+        big = json.dumps({"chunk_type": "token", "p": "z" * 500_000}).encode()
+        await pub.publish_many([(f"chat.chunk.{cid}", big)] * 40)
+        await pub.flush()
+        # The writer is parked in hypercorn's (uncancellable) write to this client.
+        with trio.fail_after(20):
+            while "chatwatch_slow_consumers_total 1.0" not in await metrics(srv.port):  # ruff: ignore[async-busy-wait]
+                await trio.sleep(0.05)  # another process's state
+        srv.proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(3):
+            await srv.proc.wait()
+        assert srv.proc.returncode is None  # the first shutdown is stuck on that write
+        srv.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(3):
+            code = await srv.proc.wait()
+        assert code == 1
+        assert srv.log is not None
+        assert "second signal" in srv.log.read_text()
+        stalled.abort()
+        await pub.aclose()
