@@ -23,12 +23,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_listening(port: int, limit: float = 15.0) -> None:
+async def wait_listening(port: int, limit: float = 15.0, host: str = "127.0.0.1") -> None:
     """Wait until something accepts connections on `port` (another process)."""
     with trio.fail_after(limit):
         while True:
             try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                stream = await trio.open_tcp_stream(host, port)
             except OSError:
                 await trio.sleep(0.05)
                 continue
@@ -52,6 +52,7 @@ async def served(
     *args: str,
     conversations: int = 4,
     db_in_env: bool = False,
+    host: str = "127.0.0.1",
 ) -> AsyncGenerator[Served, None]:
     """Seed a store, start the service on a free port, stop it (SIGTERM) on exit.
 
@@ -73,7 +74,7 @@ async def served(
         "app",
         "serve",
         "--bind",
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         "--nats-url",
         nats.url,
         "--max-watchers-per-session",
@@ -89,7 +90,7 @@ async def served(
     with log.open("wb") as err:
         proc = await trio.lowlevel.open_process([*command, *args], env=env, stderr=err)
         try:
-            await wait_listening(port)
+            await wait_listening(port, host=host)
             yield Served(port, proc, token, cids, log)
         finally:
             if proc.returncode is None:

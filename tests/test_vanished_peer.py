@@ -1,0 +1,115 @@
+"""A client that vanishes without FIN or RST (its link goes down) is noticed and its
+stream, watcher and NATS subscription are gone within keepalive + write timeout.
+
+The client runs in a network namespace this test creates (veth pair, addresses
+10.213.x.0/30 that exist only on this machine, inside the test's own namespace), so
+that its side of the link can be taken down. Needs root (CAP_NET_ADMIN) and `ip`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import wait_until, watch_path
+from tests.natsproc import NatsProcess
+from tests.served import served
+
+CLIENT = """
+import socket, sys
+host, port, path, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, port))
+s.sendall(("GET %s HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer %s\\r\\n\\r\\n"
+           % (path, token)).encode())
+data = b""
+while b":ok" not in data:
+    data += s.recv(65536)
+print("OK", flush=True)
+sys.stdin.read()  # then never read the socket again
+"""
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str, str]]:
+    """(namespace, veth inside it, host address of our side)."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 (`ip`) for a network namespace")
+    tag = f"cw{os.getpid() % 100000}"
+    ns, outside, inside = f"{tag}ns", f"{tag}a", f"{tag}b"
+    net = 1 + os.getpid() % 250
+    host, peer = f"10.213.{net}.1", f"10.213.{net}.2"
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        ip("link", "set", inside, "netns", ns)
+        ip("addr", "add", f"{host}/30", "dev", outside)
+        ip("link", "set", outside, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{peer}/30", "dev", inside)
+        ip("netns", "exec", ns, "ip", "link", "set", inside, "up")
+        yield ns, inside, host
+    finally:
+        subprocess.run(["ip", "link", "del", outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+async def test_vanished_client_is_gone_within_keepalive_plus_write_timeout(
+    nats: NatsProcess, tmp_path: Path, netns: tuple[str, str, str]
+) -> None:
+    ns, inside, host = netns
+    async with served(
+        nats, tmp_path, "--keepalive", "0.5", "--write-timeout", "2", host=host
+    ) as srv:
+        client = await trio.lowlevel.open_process(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-c",
+                CLIENT,
+                host,
+                str(srv.port),
+                watch_path(srv.cids[0]),
+                srv.token,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert client.stdout is not None
+            with trio.fail_after(10):
+                assert (await client.stdout.receive_some(16)).startswith(b"OK")
+            assert nats.chat_subscriptions() == [f"chat.*.{srv.cids[0]}"]
+            # The client's link goes down: no FIN, no RST, nothing ever again.
+            await trio.to_thread.run_sync(
+                ip, "netns", "exec", ns, "ip", "link", "set", inside, "down"
+            )
+            with trio.fail_after(0.5 + 2 + 4):  # keepalive + write timeout + slack
+                while "chatwatch_watchers 0.0" not in await metrics_at(host, srv.port):  # ruff: ignore[async-busy-wait]
+                    await trio.sleep(0.1)  # another process's state
+            await wait_until(lambda: nats.chat_subscriptions() == [], limit=5)
+        finally:
+            client.kill()
+            await client.wait()
+
+
+async def metrics_at(host: str, port: int) -> str:
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data.decode("latin-1")
