@@ -2,13 +2,15 @@
 
 # Layers. A module imports only from layers below it:
 #
-#   cli                                    argparse, trio.run
+#   cli                                    argparse
+#   workers                                one process or N (SO_REUSEPORT), trio.run
 #   service, demo, embedded, termwatch     composition root, child processes, clients
-#   http, watch                            Quart-Trio routes; the per-watcher response body
+#   http, watch, metrics, listen           Quart-Trio routes; the per-watcher response
+#                                          body; Prometheus; the listening socket
 #   bus, store                             the NATS border (only importer of nats and
 #                                          trio_asyncio); sessions and ownership
 #   hub                                    fan-out: one subscription per conversation
-#   sse, events, ids, auth, metrics        pure: framing, parsing, validation
+#   sse, events, ids, auth, openapi        pure: framing, parsing, validation, docs
 #   errors, config                         leaves
 #
 # `bus` is the only module that imports nats or trio_asyncio; `http` and `watch` are the
