@@ -32,6 +32,7 @@ MessageHandler = Callable[[str, bytes], None]
 StatusListener = Callable[[bool], None]
 
 _DRAIN_DEADLINE = 2.0
+_APPLY_DEADLINE = 10.0
 _WATCHDOG_PERIOD = 1.0
 
 
@@ -317,8 +318,22 @@ class Bus:
             if not subs and not unsubs:
                 continue
             confirmed = trio.Event()
-            with trio.CancelScope(shield=True):
+            # Shielded (a half-applied batch would lose handles) but bounded: nats-py
+            # can block here only if its write queue is stuck, and shutdown must not.
+            pong = None
+            with trio.CancelScope(
+                shield=True, deadline=trio.current_time() + _APPLY_DEADLINE
+            ) as scope:
                 pong = await self._aio(self._apply, subs, unsubs)
+            if scope.cancelled_caught:
+                log.error(
+                    "nats-py did not take %d SUB / %d UNSUB within %.0f s",
+                    len(subs),
+                    len(unsubs),
+                    _APPLY_DEADLINE,
+                )
+                for req in subs:
+                    req.error = BusUnavailable("NATS did not take the subscription")
             if pong is not None:
                 pong.add_done_callback(lambda _f, ev=confirmed: ev.set())
             for req in subs:
