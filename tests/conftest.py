@@ -20,6 +20,7 @@ import trio
 
 from app import service
 from app.config import Settings
+from app.http import Demo
 from app.store import SQLiteStore
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
@@ -86,7 +87,11 @@ class Service:
 
 
 async def start_service(
-    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path, **overrides: object
+    nursery: trio.Nursery,
+    nats: NatsProcess,
+    tmp_path: Path,
+    demo: Demo | None = None,
+    **overrides: object,
 ) -> Service:
     db_path = tmp_path / "chatwatch.db"
     settings = Settings(
@@ -98,7 +103,7 @@ async def start_service(
     )
     shutdown = trio.Event()
     binds = await nursery.start(
-        partial(service.run, settings, shutdown=shutdown, handle_signals=False)
+        partial(service.run, settings, shutdown=shutdown, handle_signals=False, demo=demo)
     )
     url = binds[0]
     port = int(url.rsplit(":", 1)[1])

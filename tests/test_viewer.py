@@ -18,11 +18,9 @@ import pytest
 import trio
 from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
-from app import service
-from app.config import Settings
 from app.http import Demo
 from app.store import SQLiteStore
-from tests.conftest import Service, chunk, wait_until_async
+from tests.conftest import Service, chunk, start_service, wait_until_async
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
 
@@ -185,48 +183,29 @@ async def test_viewer_without_a_session_shows_the_stream_closed(svc: Service) ->
 
 
 async def test_demo_page_logs_the_browser_in_and_prefills_the_conversation(
-    nats: NatsProcess, tmp_path: Path
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
 ) -> None:
-    db_path = tmp_path / "demo.db"
-    store = SQLiteStore(db_path)
+    store = SQLiteStore(tmp_path / "chatwatch.db")  # start_service's database
     try:
         user = await store.add_user("demo")
         token = await store.create_session(user)
         cid = await store.create_conversation(user, "Demo conversation")
     finally:
         await store.aclose()
-    settings = Settings(
-        bind="127.0.0.1:0",
-        nats_urls=(nats.url,),
-        database_url=f"sqlite:///{db_path}",
-        shutdown_grace=1.0,
-    )
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(
-                service.run,
-                settings,
-                shutdown=shutdown,
-                handle_signals=False,
-                demo=Demo(token, cid),
-            )
-        )
-        url = binds[0]
+    svc = await start_service(nursery, nats, tmp_path, demo=Demo(token, cid))
+    url = svc.url
 
-        def script(page: Page) -> None:
-            page.goto(f"{url}/")  # no cookie set by the test, no ?conversation=
-            assert page.locator("#cid").input_value() == cid
-            expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
-            sync_publish(nats, cid, [(f"chat.chunk.{cid}", chunk("token", text="demo-live"))])
-            expect(page.locator("#status")).to_have_text("live", timeout=TIMEOUT_MS)
-            expect(page.locator("#log .answer")).to_have_text("demo-live", timeout=TIMEOUT_MS)
-            cookies = page.context.cookies()
-            assert [(c["name"], c["value"], c["httpOnly"]) for c in cookies] == [
-                ("chatwatch_session", token, True)
-            ]
+    def script(page: Page) -> None:
+        page.goto(f"{url}/")  # no cookie set by the test, no ?conversation=
+        assert page.locator("#cid").input_value() == cid
+        expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
+        sync_publish(nats, cid, [(f"chat.chunk.{cid}", chunk("token", text="demo-live"))])
+        expect(page.locator("#status")).to_have_text("live", timeout=TIMEOUT_MS)
+        expect(page.locator("#log .answer")).to_have_text("demo-live", timeout=TIMEOUT_MS)
+        cookies = page.context.cookies()
+        assert [(c["name"], c["value"], c["httpOnly"]) for c in cookies] == [
+            ("chatwatch_session", token, True)
+        ]
 
-        try:
-            assert await browse(script) == []
-        finally:
-            shutdown.set()
+    assert await browse(script) == []
+    await svc.store.aclose()
