@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,10 @@ from app.config import Settings
 from app.http import Demo
 from app.store import SQLiteStore
 from tests.natsproc import NatsProcess
+from tests.polling import wait_until, wait_until_async
 from tests.rawnats import RawNats
+
+__all__ = ["wait_until", "wait_until_async"]
 
 
 @pytest.fixture(scope="session")
@@ -40,21 +43,6 @@ def nats(nats_server: NatsProcess) -> NatsProcess:
     if nats_server._proc is None:
         nats_server.start()
     return nats_server
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll a condition outside this process (e.g. the NATS monitor), for which there
-    is no event to await; fail after `limit` seconds."""
-    with trio.fail_after(limit):
-        while not predicate():  # ruff: ignore[async-busy-wait] - external state, nothing to await
-            await trio.sleep(0.01)
-
-
-async def wait_until_async(predicate: Callable[[], object], limit: float = 5.0) -> None:
-    """`wait_until` for a blocking predicate (an HTTP call to the NATS monitor)."""
-    with trio.fail_after(limit):
-        while not await trio.to_thread.run_sync(predicate):  # ruff: ignore[async-busy-wait] - external
-            await trio.sleep(0.01)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import trio
 
 from app.store import SQLiteStore
 from tests.natsproc import NatsProcess
+from tests.polling import poll_until
 
 
 def free_port() -> int:
@@ -25,15 +26,16 @@ def free_port() -> int:
 
 async def wait_listening(port: int, limit: float = 15.0, host: str = "127.0.0.1") -> None:
     """Wait until something accepts connections on `port` (another process)."""
-    with trio.fail_after(limit):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
+
+    async def accepts() -> bool:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+
+    await poll_until(accepts, limit)
 
 
 @dataclass

@@ -113,17 +113,18 @@ async def request(
     method: str = "GET",
     version: str = "HTTP/1.1",
     rcvbuf: int | None = None,
+    host: str = "127.0.0.1",
 ) -> Response:
     if rcvbuf is None:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await trio.open_tcp_stream(host, port)
     else:
         # A small receive buffer set before connecting: the window stays small, so a
         # client that stops reading stalls the server's writer quickly.
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect(("127.0.0.1", port))
+        await sock.connect((host, port))
         stream = trio.SocketStream(sock)
-    lines = [f"{method} {path} {version}", f"Host: 127.0.0.1:{port}"]
+    lines = [f"{method} {path} {version}", f"Host: {host}:{port}"]
     if token is not None:
         lines.append(f"Authorization: Bearer {token}")
     if cookie is not None:

@@ -11,6 +11,7 @@ import trio
 from app.openapi import SPEC
 from tests.conftest import Service, chunk, start_service, watch_path
 from tests.natsproc import NatsProcess
+from tests.polling import poll_until
 from tests.sseclient import Response, get, request
 from tests.test_delivery import parse, watch
 
@@ -108,13 +109,13 @@ async def test_watcher_limits_answer_429_with_retry_after(
     status, _, _ = await get(svc.port, watch_path(b[0].conversation_id), token=b[0].token)
     assert status == 429  # the process limit
     streams[0].abort()
-    with trio.fail_after(5):
-        while True:  # the freed slot shows once the server noticed the close
-            again = await request(svc.port, watch_path(b[0].conversation_id), token=b[0].token)
-            again.abort()
-            if again.status == 200:
-                break
-            await trio.sleep(0.01)
+
+    async def slot_freed() -> bool:  # once the server noticed the close
+        again = await request(svc.port, watch_path(b[0].conversation_id), token=b[0].token)
+        again.abort()
+        return again.status == 200
+
+    await poll_until(slot_freed)
     for s in streams:
         s.abort()
     await svc.store.aclose()

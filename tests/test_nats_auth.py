@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from app.embedded import nats_server_binary
+from tests.polling import wait_until
 from tests.served import free_port
 
 
@@ -50,9 +51,7 @@ async def test_revoked_credentials_make_the_process_exit_non_zero(tmp_path: Path
                 env={**os.environ},
             )
             try:
-                with trio.fail_after(15):
-                    while b"NATS connected" not in log.read_bytes():  # ruff: ignore[async-busy-wait]
-                        await trio.sleep(0.05)  # another process's log: nothing to await
+                await wait_until(lambda: b"NATS connected" in log.read_bytes(), limit=15)
                 write_conf(conf, port, "changed")
                 server.send_signal(signal.SIGHUP)  # reload: our user is gone
                 with trio.fail_after(20):

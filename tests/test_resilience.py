@@ -14,11 +14,12 @@ from pathlib import Path
 import trio
 
 from app.listen import make_listener
-from tests.conftest import wait_until, watch_path
+from tests.conftest import watch_path
 from tests.natsproc import NatsProcess
+from tests.polling import poll_until, wait_until
 from tests.rawnats import RawNats
 from tests.served import served
-from tests.sseclient import Response, request
+from tests.sseclient import Response, get, request
 from tests.test_delivery import parse
 
 
@@ -29,10 +30,13 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-async def metrics(port: int) -> str:
-    from tests.sseclient import get
+async def metrics(port: int, host: str = "127.0.0.1") -> str:
+    return (await get(port, "/metrics", host=host))[2].decode()
 
-    return (await get(port, "/metrics"))[2].decode()
+
+async def has_metric(port: int, line: str, host: str = "127.0.0.1") -> bool:
+    """Whether the service's /metrics shows `line` (e.g. "chatwatch_watchers 0.0")."""
+    return line in (await metrics(port, host)).splitlines()
 
 
 async def test_a_peer_that_stops_acknowledging_is_dropped_after_the_write_timeout(
@@ -49,9 +53,7 @@ async def test_a_peer_that_stops_acknowledging_is_dropped_after_the_write_timeou
         # Enough to fill the kernel's buffers on both sides and park the writer.
         await pub.publish_many([(f"chat.chunk.{cid}", payload)] * 3000)
         await pub.flush()
-        with trio.fail_after(20):
-            while "chatwatch_watchers 0.0" not in await metrics(port):  # ruff: ignore[async-busy-wait]
-                await trio.sleep(0.1)  # polling another process's state
+        await poll_until(lambda: has_metric(port, "chatwatch_watchers 0.0"), limit=20)
         stalled.abort()
         await pub.aclose()
 
@@ -137,10 +139,8 @@ async def test_a_dead_worker_stops_the_others_and_the_supervisor_fails(
     nats: NatsProcess, tmp_path: Path
 ) -> None:
     async with served(nats, tmp_path, "--workers", "2") as srv:
-        with trio.fail_after(10):
-            while len(kids := await trio.to_thread.run_sync(children_of, srv.proc.pid)) < 2:  # ruff: ignore[async-busy-wait]
-                await trio.sleep(0.05)  # another process's state: nothing to await
-        first = kids[0]
+        await wait_until(lambda: len(children_of(srv.proc.pid)) >= 2, limit=10)
+        first = children_of(srv.proc.pid)[0]
         os.kill(first, signal.SIGKILL)
         with trio.fail_after(10):
             code = await srv.proc.wait()
@@ -204,8 +204,10 @@ async def test_stalled_reader_during_a_full_speed_flood_over_100_conversations(
                 await pub.flush()
                 # Every healthy reader got its conversation's events: the service
                 # counted them out and none of them was cut off.
-                while "chatwatch_slow_consumers_total 1.0" not in await metrics(srv.port):  # ruff: ignore[async-busy-wait]
-                    await trio.sleep(0.05)
+                await poll_until(
+                    lambda: has_metric(srv.port, "chatwatch_slow_consumers_total 1.0"),
+                    limit=120,
+                )
             peak = max(peak, rss_kb(srv.proc.pid))
             done.set()
             nursery.cancel_scope.cancel()
@@ -230,9 +232,9 @@ async def test_second_signal_exits_at_once_while_a_stalled_write_holds_shutdown(
         await pub.publish_many([(f"chat.chunk.{cid}", big)] * 40)
         await pub.flush()
         # The writer is parked in hypercorn's (uncancellable) write to this client.
-        with trio.fail_after(20):
-            while "chatwatch_slow_consumers_total 1.0" not in await metrics(srv.port):  # ruff: ignore[async-busy-wait]
-                await trio.sleep(0.05)  # another process's state
+        await poll_until(
+            lambda: has_metric(srv.port, "chatwatch_slow_consumers_total 1.0"), limit=20
+        )
         srv.proc.send_signal(signal.SIGTERM)
         with trio.move_on_after(3):
             await srv.proc.wait()

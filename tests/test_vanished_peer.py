@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import wait_until, watch_path
+from tests.conftest import watch_path
 from tests.natsproc import NatsProcess
+from tests.polling import poll_until, wait_until
 from tests.served import served
+from tests.test_resilience import has_metric
 
 CLIENT = """
 import socket, sys
@@ -96,20 +98,10 @@ async def test_vanished_client_is_gone_within_keepalive_plus_write_timeout(
             await trio.to_thread.run_sync(
                 ip, "netns", "exec", ns, "ip", "link", "set", inside, "down"
             )
-            with trio.fail_after(0.5 + 2 + 4):  # keepalive + write timeout + slack
-                while "chatwatch_watchers 0.0" not in await metrics_at(host, srv.port):  # ruff: ignore[async-busy-wait]
-                    await trio.sleep(0.1)  # another process's state
+            await poll_until(  # keepalive + write timeout + slack
+                lambda: has_metric(srv.port, "chatwatch_watchers 0.0", host), limit=0.5 + 2 + 4
+            )
             await wait_until(lambda: nats.chat_subscriptions() == [], limit=5)
         finally:
             client.kill()
             await client.wait()
-
-
-async def metrics_at(host: str, port: int) -> str:
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    return data.decode("latin-1")
