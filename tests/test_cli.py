@@ -98,6 +98,21 @@ def chatwatch(*argv: str) -> list[str]:
     return [sys.executable, "-m", "app", *argv]
 
 
+async def run_cli_process(
+    *argv: str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """`chatwatch ARGV` as a subprocess, output captured, with a hang guard."""
+    with trio.fail_after(30):
+        return await trio.run_process(
+            chatwatch(*argv),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=cwd,
+            env=subprocess_env() | (env or {}),
+        )
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -390,13 +405,8 @@ async def test_publish_reaches_a_watcher(svc: Service) -> None:
     payload = json.dumps({"chunk_type": "token", "text": "from the cli"})
     with trio.fail_after(30):
         for kind in ("chunk", "message"):
-            result = await trio.run_process(
-                chatwatch("publish", kind, cid, payload, "--nats-url", svc.nats.url),
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                cwd=REPO,
-                env=subprocess_env(),
+            result = await run_cli_process(
+                "publish", kind, cid, payload, "--nats-url", svc.nats.url
             )
             assert result.returncode == 0, result.stderr
             assert result.stdout == b""
@@ -413,12 +423,12 @@ async def test_publish_reads_the_nats_url_from_the_environment(svc: Service) -> 
     cid = seed.conversation_id
     response = await watch(svc, cid, seed.token)
     with trio.fail_after(30):
-        result = await trio.run_process(
-            chatwatch("publish", "chunk", cid, '{"chunk_type":"done"}'),
-            capture_stderr=True,
-            check=False,
-            cwd=REPO,
-            env=subprocess_env() | {"CHATWATCH_NATS_URL": svc.nats.url},
+        result = await run_cli_process(
+            "publish",
+            "chunk",
+            cid,
+            '{"chunk_type":"done"}',
+            env={"CHATWATCH_NATS_URL": svc.nats.url},
         )
         assert result.returncode == 0, result.stderr
         frame = await response.next_frame()
@@ -494,15 +504,7 @@ async def test_watch_exits_0_when_the_service_shuts_down(svc: Service) -> None:
 
 
 async def test_watch_with_a_bad_token_exits_1(svc: Service) -> None:
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            chatwatch("watch", SOME_CID, "--token", "nope", "--url", svc.url),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=REPO,
-            env=subprocess_env(),
-        )
+    result = await run_cli_process("watch", SOME_CID, "--token", "nope", "--url", svc.url)
     assert result.returncode == 1
     assert result.stdout == b""
     assert result.stderr.decode() == 'HTTP 401: {"error": "unauthorized"}\n'
@@ -510,14 +512,7 @@ async def test_watch_with_a_bad_token_exits_1(svc: Service) -> None:
 
 async def test_watch_without_a_server_exits_1_with_a_message() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            chatwatch("watch", SOME_CID, "--token", "t", "--url", url),
-            capture_stderr=True,
-            check=False,
-            cwd=REPO,
-            env=subprocess_env(),
-        )
+    result = await run_cli_process("watch", SOME_CID, "--token", "t", "--url", url)
     assert result.returncode == 1
     err = result.stderr.decode()
     assert err.startswith(f"chatwatch: {url}/api/ai/conversations/{SOME_CID}/watch: ")
@@ -530,16 +525,16 @@ async def test_watch_without_a_server_exits_1_with_a_message() -> None:
 async def test_serve_with_an_unsupported_database_url_fails_cleanly(
     nats: NatsProcess, tmp_path: Path
 ) -> None:
-    argv = chatwatch("serve", "--bind", "127.0.0.1:0", "--nats-url", nats.url)
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [*argv, "--database-url", "postgresql://u@db/chat"],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=tmp_path,
-            env=subprocess_env(),
-        )
+    result = await run_cli_process(
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--nats-url",
+        nats.url,
+        "--database-url",
+        "postgresql://u@db/chat",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stdout == b""
     assert result.stderr.decode() == (
