@@ -91,7 +91,8 @@ class Topic:
     def __init__(self, conversation_id: str) -> None:
         self.conversation_id = conversation_id
         self.members: set[Watcher] = set()
-        # Watchers that had `:ok`: the only ones events go to.
+        # Watchers that had `:ok`: the only ones events go to. Every path that closes
+        # a watcher's channel (leave, close, overflow) takes it out of here first.
         self.attached: list[Watcher] = []
         self.live = trio.Event()
         # Cancelled by the last watcher's `leave`, even mid-subscribe: the bus removes
@@ -159,6 +160,10 @@ class Hub:
         """Send `final` to every watcher and end every stream; refuse new watchers."""
         self._closed = True
         for topic in list(self._topics.values()):
+            # No more deliveries: every stream's channel is about to close.
+            for w in topic.attached:
+                w.attached = False
+            topic.attached.clear()
             for w in list(topic.members):
                 with contextlib.suppress(
                     trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
@@ -262,32 +267,24 @@ class Hub:
             return
         frame = event.frame
         topic.active = True
+        # A watcher over either limit (frames, via WouldBlock; bytes, checked here) is
+        # a slow consumer: cut off alone, after the loop, while the rest get the frame.
         slow: list[Watcher] | None = None
-        gone: list[Watcher] | None = None
         size = len(frame)
         cap = self._buffer_bytes - size
         for w in topic.attached:
-            try:
-                if w.queued_bytes > cap:
-                    raise trio.WouldBlock
-                w.send.send_nowait(frame)
-                w.queued_bytes += size
-            except trio.WouldBlock:
-                if slow is None:
-                    slow = []
-                slow.append(w)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                # Closed by `close` (shutdown): no longer fed, and not a slow consumer.
-                # The rest of the list still gets the frame.
-                if gone is None:
-                    gone = []
-                gone.append(w)
+            if w.queued_bytes <= cap:
+                try:
+                    w.send.send_nowait(frame)
+                except trio.WouldBlock:
+                    pass
+                else:
+                    w.queued_bytes += size
+                    continue
+            if slow is None:
+                slow = []
+            slow.append(w)
         self.events_out += len(topic.attached)
-        if gone is not None:
-            self.events_out -= len(gone)
-            for w in gone:
-                w.attached = False
-                topic.attached.remove(w)
         if slow is not None:
             self.events_out -= len(slow)
             for w in slow:
