@@ -31,6 +31,17 @@ class Settings:
     write_timeout: float = 30.0
     log_level: str = "info"
     nats_data_dir: str | None = None
+    # History (resume and late join) on JetStream: "auto" (on when the NATS servers
+    # have JetStream), "on" (exit when they do not), "off".
+    history: str = "auto"
+    history_stream: str = "CHAT"
+    # Seconds an event is kept; 0 = no age limit.
+    history_max_age: float = 7 * 24 * 3600.0
+    # Events kept per conversation and kind (the stream's max_msgs_per_subject).
+    history_max_per_conversation: int = 10000
+    history_replicas: int = 1
+    # The most events one resume or late join replays; beyond, the newest are sent.
+    replay_cap: int = 5000
 
     @property
     def host_port(self) -> tuple[str, int]:

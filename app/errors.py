@@ -4,6 +4,8 @@ ChatwatchError
  +-- StoreUnavailable      the session store cannot be reached (HTTP 503)
  +-- NotFound              an admin command named a row that does not exist
  +-- BusUnavailable        NATS could not be reached for a one-shot command
+ +-- UsageError            bad input or configuration: one line, exit 2
+ +-- HistoryError          the JetStream stream cannot be used as configured
 """
 
 
@@ -24,6 +26,18 @@ class NotFound(ChatwatchError):
 
 class BusUnavailable(ChatwatchError):
     """Raised by one-shot NATS helpers (``chatwatch publish``) when no server answers."""
+
+
+class UsageError(ChatwatchError):
+    """Bad input or configuration, found before anything starts: one line, exit 2.
+
+    The message names the setting as the user gave it (the flag, or the environment
+    variable when the value came from there).
+    """
+
+
+class HistoryError(ChatwatchError):
+    """The JetStream stream for history exists but does not fit, or cannot be made."""
 
 
 def unwrap_single(group: BaseExceptionGroup[BaseException]) -> BaseException:
