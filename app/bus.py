@@ -28,7 +28,7 @@ from app.errors import BusUnavailable
 
 log = logging.getLogger("chatwatch.nats")
 
-MessageHandler = Callable[[str, bytes], None]
+MessageHandler = Callable[[str, bytes, "dict[str, str] | None"], None]
 StatusListener = Callable[[bool], None]
 
 _DRAIN_DEADLINE = 2.0
@@ -61,7 +61,7 @@ class _DirectDelivery:
         data = msg.data
         self._sub._pending_size -= len(data)
         try:
-            self._handler(msg.subject, data)
+            self._handler(msg.subject, data, msg.headers)
         except Exception:
             log.exception("message handler failed for %s", msg.subject)
 
@@ -379,6 +379,20 @@ class Bus:
                 nc._pending_data_size = 0
             await nc._send_ping(pong)
         return pong
+
+    async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run ``fn(nc, *args)`` on the asyncio side with the live client (JetStream API).
+
+        Raises:
+            BusUnavailable: not connected.
+        """
+        nc = self._nc
+        if nc is None or not self.connected:
+            raise BusUnavailable("NATS not connected")
+        try:
+            return await self._aio(fn, nc, *args)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"NATS: {type(exc).__name__}: {exc}") from exc
 
     async def publish(self, subject: str, payload: bytes) -> None:
         await self.wait_connected()

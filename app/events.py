@@ -29,8 +29,8 @@ _strict_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 class ChatEvent:
     """One event for the watchers of one conversation.
 
-    `frame` is the complete SSE frame. `event_id` is reserved for resumable streams
-    (a JetStream sequence); core NATS events have none.
+    `frame` is the complete SSE frame. `event_id` is its resumable position when
+    history is on (see history.py); core NATS events have none.
     """
 
     kind: str
@@ -60,17 +60,22 @@ def _payload_json(payload: bytes) -> tuple[object, bytes]:
     return value, text.encode("utf-8")
 
 
-def parse_event(kind: str, payload: bytes, max_payload: int) -> ChatEvent | None:
-    """Build the frame for a message on ``chat.{kind}.{id}``; None for unknown kinds."""
+def parse_event(
+    kind: str, payload: bytes, max_payload: int, event_id: str | None = None
+) -> ChatEvent | None:
+    """Build the frame for a message on ``chat.{kind}.{id}``; None for unknown kinds.
+
+    `event_id` (history on) becomes the frame's ``id:`` line.
+    """
     if kind != CHUNK and kind != MESSAGE:
         return None
     if len(payload) > max_payload:
         text = f"event of {len(payload)} bytes dropped: larger than the {max_payload} byte limit"
-        return ChatEvent(kind, sse.error_frame(text))
+        return ChatEvent(kind, sse.error_frame(text, event_id), event_id)
     value, data = _payload_json(payload)
     if kind == MESSAGE:
         event = _MESSAGE_EVENT
     else:
         chunk_type = value.get("chunk_type") if isinstance(value, dict) else None
         event = sse.json_string(chunk_type) if isinstance(chunk_type, str) else _CHUNK_EVENT
-    return ChatEvent(kind, sse.data_frame(event, data))
+    return ChatEvent(kind, sse.data_frame(event, data, event_id), event_id)

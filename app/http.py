@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from app import auth, ids, metrics, openapi
 from app.errors import StoreUnavailable
-from app.hub import Hub
+from app.hub import Hub, Resume
 from app.store import Access, Store
 from app.watch import WatchBody
 
@@ -107,7 +107,7 @@ def create_app(
         ):
             return _json(TOO_MANY, 429, {"Retry-After": "5"})
         response = Response(
-            WatchBody(hub, conversation_id, owner),
+            WatchBody(hub, conversation_id, owner, _resume_request()),
             status=200,
             content_type="text/event-stream",
             headers=SSE_HEADERS,
@@ -115,6 +115,15 @@ def create_app(
         # Quart's RESPONSE_TIMEOUT (60 s) would cut every stream; only this one opts out.
         response.timeout = None
         return response
+
+    def _resume_request() -> Resume:
+        # The header (what EventSource sends by itself on a reconnect) wins over the
+        # query parameter (for clients that cannot set headers).
+        last = request.headers.get("Last-Event-ID")
+        if last is None:
+            last = request.args.get("last_event_id")
+        live_only = request.args.get("live_only", "").lower() in ("1", "true", "yes")
+        return Resume(last_event_id=last.strip() if last is not None else None, live_only=live_only)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -124,7 +133,8 @@ def create_app(
     async def readyz() -> Response:
         nats_ok = bool(is_nats_connected())
         store_ok = await store.ping()
-        body = json.dumps({"nats": nats_ok, "store": store_ok}).encode()
+        history = hub.history is not None
+        body = json.dumps({"nats": nats_ok, "store": store_ok, "history": history}).encode()
         return _json(body, 200 if nats_ok and store_ok else 503)
 
     @app.get("/metrics")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from typing import Protocol
 import trio
 
 from app import ids, sse
-from app.errors import unwrap_single
+from app.errors import BusUnavailable, unwrap_single
 from app.events import parse_event
+from app.history import History
+from app.jsapi import ApiError
 
 log = logging.getLogger("chatwatch.hub")
 
@@ -31,7 +34,23 @@ NATS_NOT_AVAILABLE = sse.error_frame("NATS not available")
 NATS_LOST = sse.error_frame("NATS connection lost")
 SLOW_CONSUMER = sse.error_frame("slow consumer: events were arriving faster than they were read")
 
-MessageHandler = Callable[[str, bytes], None]
+MessageHandler = Callable[[str, bytes, "dict[str, str] | None"], None]
+HISTORY_NOT_AVAILABLE = sse.error_frame("history not available")
+# Live messages a topic holds while it fetches what its live path missed; beyond, they
+# are dropped and fetched from the stream too.
+_TOPIC_HOLD = 10000
+_RETRY_MAX = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a watch request asked for: resume after an id, or live only.
+
+    Neither: a late join (the answer in progress, then live).
+    """
+
+    last_event_id: str | None = None
+    live_only: bool = False
 
 
 class BusLike(Protocol):
@@ -56,6 +75,10 @@ class HubStatistics:
     events_out: int
     dropped: int
     slow_consumers: int
+    replays: int = 0
+    events_replayed: int = 0
+    gaps_filled: int = 0
+    resumes_refused: int = 0
 
 
 class Watcher:
@@ -63,19 +86,29 @@ class Watcher:
 
     __slots__ = (
         "attached",
+        "held",
+        "held_bytes",
         "overflowed",
         "owner",
         "queued_bytes",
         "recv",
+        "resume",
         "send",
         "told_down",
         "topic",
     )
 
-    def __init__(self, topic: Topic, buffer: int, owner: str | None) -> None:
+    def __init__(
+        self, topic: Topic, buffer: int, owner: str | None, resume: Resume | None = None
+    ) -> None:
         self.send, self.recv = trio.open_memory_channel[bytes](buffer)
         self.topic = topic
         self.owner = owner
+        self.resume = resume
+        # While the watcher replays history: the live frames that arrived meanwhile,
+        # (seq, frame), sent after the replay (those it already replayed are skipped).
+        self.held: list[tuple[int, bytes]] | None = None
+        self.held_bytes = 0
         self.attached = False
         self.overflowed = False
         self.told_down = False
@@ -86,7 +119,21 @@ class Watcher:
 class Topic:
     """A watched conversation: its subscription's state and its watchers."""
 
-    __slots__ = ("active", "attached", "conversation_id", "failed", "live", "members", "scope")
+    __slots__ = (
+        "active",
+        "attached",
+        "conversation_id",
+        "cursor",
+        "failed",
+        "held",
+        "held_overflow",
+        "last_on",
+        "live",
+        "members",
+        "replaying",
+        "scope",
+        "wake",
+    )
 
     def __init__(self, conversation_id: str) -> None:
         self.conversation_id = conversation_id
@@ -94,6 +141,17 @@ class Topic:
         # Watchers that had `:ok`: the only ones events go to. Every path that closes
         # a watcher's channel (leave, close, overflow) takes it out of here first.
         self.attached: list[Watcher] = []
+        # History on: watchers still replaying (they collect live frames in `held`).
+        self.replaying: list[Watcher] = []
+        # History on: the last stream sequence fanned out, and per kind the last one
+        # (checked against each live event's Nats-Last-Sequence to see a gap).
+        self.cursor = 0
+        self.last_on: dict[str, int] = {"chunk": 0, "message": 0}
+        # Not None while the topic fetches what its live path missed: live messages
+        # wait here, in order, and go through the live path afterwards.
+        self.held: list[tuple[str, bytes, dict[str, str] | None]] | None = None
+        self.held_overflow = False
+        self.wake = trio.Event()
         self.live = trio.Event()
         # Cancelled by the last watcher's `leave`, even mid-subscribe: the bus removes
         # the subscription under a shield, and never cancels a pending flush.
@@ -102,8 +160,18 @@ class Topic:
         self.failed = False
 
 
+def _cut_off(w: Watcher) -> bool:
+    # A function, not an inline test: the flag changes inside `_push`.
+    return w.overflowed
+
+
 class Hub:
-    """Fan-out of NATS events to watchers. Start `run` in a nursery (see `open_hub`)."""
+    """Fan-out of NATS events to watchers. Start `run` in a nursery (see `open_hub`).
+
+    History (resume and late join) is decided once, at the first NATS connection
+    (`set_history`); topics wait for that decision before they subscribe, because it
+    says which subject they subscribe to.
+    """
 
     def __init__(
         self,
@@ -113,21 +181,32 @@ class Hub:
         buffer_bytes: int = 16 * 1024 * 1024,
         max_payload: int = 1024 * 1024,
         keepalive: float = 15.0,
+        replay_cap: int = 5000,
+        await_history: bool = False,
     ) -> None:
         self._bus = bus
         self._buffer = buffer
         self._buffer_bytes = buffer_bytes
         self._max_payload = max_payload
         self._keepalive = keepalive
+        self._replay_cap = replay_cap
         self._topics: dict[str, Topic] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._per_owner: dict[str, int] = {}
+        self.history: History | None = None
+        self.history_decided = trio.Event()
+        if not await_history:
+            self.history_decided.set()
         self.watchers = 0
         self.events_in = 0
         self.events_out = 0
         self.dropped = 0
         self.slow_consumers = 0
+        self.replays = 0
+        self.events_replayed = 0
+        self.gaps_filled = 0
+        self.resumes_refused = 0
         bus.add_status_listener(self._on_bus_status)
 
     def statistics(self) -> HubStatistics:
@@ -138,6 +217,10 @@ class Hub:
             events_out=self.events_out,
             dropped=self.dropped,
             slow_consumers=self.slow_consumers,
+            replays=self.replays,
+            events_replayed=self.events_replayed,
+            gaps_filled=self.gaps_filled,
+            resumes_refused=self.resumes_refused,
         )
 
     def watchers_of(self, owner: str) -> int:
@@ -146,6 +229,11 @@ class Hub:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def set_history(self, history: History | None) -> None:
+        """Decide, once, whether streams are resumable (None: core NATS, no ids)."""
+        self.history = history
+        self.history_decided.set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -164,7 +252,9 @@ class Hub:
             for w in topic.attached:
                 w.attached = False
             topic.attached.clear()
+            topic.replaying.clear()
             for w in list(topic.members):
+                w.held = None
                 with contextlib.suppress(
                     trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
                 ):
@@ -173,7 +263,9 @@ class Hub:
 
     # -- watchers --------------------------------------------------------------
 
-    def join(self, conversation_id: str, owner: str | None = None) -> Watcher:
+    def join(
+        self, conversation_id: str, owner: str | None = None, resume: Resume | None = None
+    ) -> Watcher:
         """Register a watcher (sync). Its subscription starts if it is the first.
 
         `conversation_id` must come from `ids.parse_conversation_id`.
@@ -184,7 +276,7 @@ class Hub:
         if topic is None:
             topic = self._topics[conversation_id] = Topic(conversation_id)
             self._nursery.start_soon(self._run_topic, topic, name=f"topic {conversation_id}")
-        w = Watcher(topic, self._buffer, owner)
+        w = Watcher(topic, self._buffer, owner, resume)
         topic.members.add(w)
         self.watchers += 1
         if owner is not None:
@@ -196,7 +288,8 @@ class Hub:
 
         The `:ok` frame and the watcher's place in the fan-out are set in one
         synchronous step after the SUB was confirmed by the server: every event
-        published after the client saw `:ok` reaches it, in order.
+        published after the client saw `:ok` reaches it, in order. With history on,
+        the replay (resume or late join) follows `:ok`, in this watcher's own task.
         """
         topic = w.topic
         if not self._bus.connected and not w.told_down:
@@ -210,6 +303,98 @@ class Hub:
         if w.overflowed or topic.failed or self._closed or w not in topic.members:
             return
         self._push(w, sse.OK)
+        resume = w.resume or Resume()
+        if self.history is None or resume.live_only:
+            if self.history is None and resume.last_event_id is not None:
+                self._push(w, HISTORY_NOT_AVAILABLE)
+            if _cut_off(w):
+                return
+            w.attached = True
+            topic.attached.append(w)
+            return
+        await self._replay(w, self.history, resume)
+
+    async def _replay(self, w: Watcher, history: History, resume: Resume) -> None:
+        """Resume or late join: replay from the stream, then hand over to live.
+
+        The watcher collects live frames from the moment before the fetch starts, so
+        everything stored after the fetch's last read is among them; after the replay,
+        held frames at or below the last replayed sequence are skipped (the seam).
+        """
+        topic = w.topic
+        cid = topic.conversation_id
+        after: int | None = None
+        try:
+            raw = resume.last_event_id
+            if raw is not None:
+                parsed = history.parse_id(raw)
+                reason = parsed if isinstance(parsed, str) else None
+                if reason is None:
+                    assert isinstance(parsed, int)
+                    reason = await history.check_resume(cid, parsed)
+                    if reason is None:
+                        after = parsed
+                if reason is not None:
+                    self.resumes_refused += 1
+                    shown = raw if len(raw) <= 64 else raw[:64] + "..."
+                    self._push(w, sse.error_frame(f"cannot resume from {shown}: {reason}"))
+            if after is None:
+                after = (await history.position(cid)).message
+            if w.overflowed or w not in topic.members:
+                return
+            w.held = []
+            topic.replaying.append(w)
+            replayed = await self._send_replay(w, history, after)
+        except (BusUnavailable, ApiError, TimeoutError) as exc:
+            log.warning("replay for conversation %s failed: %s", cid, exc)
+            self._push(w, sse.error_frame("history not available: the replay failed"))
+            replayed = after or 0
+        self._go_live(w, replayed)
+
+    async def _send_replay(self, w: Watcher, history: History, after: int) -> int:
+        cid = w.topic.conversation_id
+        cap = self._replay_cap
+        kept: deque[tuple[int, bytes]] = deque(maxlen=cap)
+        seen = 0
+        last = after
+        more = True
+        while more:
+            batch, more = await history.fetch(cid, last)
+            for m in batch:
+                event = parse_event(
+                    m.subject.split(".")[1], m.data, self._max_payload, history.event_id(m.seq)
+                )
+                last = m.seq
+                if event is not None:
+                    seen += 1
+                    kept.append((m.seq, event.frame))
+            if not batch:
+                break
+        self.replays += 1
+        if seen > cap:
+            await w.send.send(
+                sse.error_frame(
+                    f"replay capped at {cap} events: the {seen - cap} oldest were left out"
+                )
+            )
+        for _seq, frame in kept:
+            await w.send.send(frame)
+            w.queued_bytes += len(frame)
+        self.events_replayed += len(kept)
+        return last
+
+    def _go_live(self, w: Watcher, replayed: int) -> None:
+        """The seam, in one synchronous step: held frames after the replay, then live."""
+        topic = w.topic
+        held, w.held = w.held, None
+        if w in topic.replaying:
+            topic.replaying.remove(w)
+        if w.overflowed or w not in topic.members or self._closed:
+            return
+        for seq, frame in held or ():
+            if seq > replayed:
+                self._push(w, frame)
+        w.held_bytes = 0
         if not w.overflowed:
             w.attached = True
             topic.attached.append(w)
@@ -220,9 +405,7 @@ class Hub:
         if w not in topic.members:
             return
         topic.members.discard(w)
-        if w.attached:
-            w.attached = False
-            topic.attached.remove(w)
+        self._detach(w)
         w.send.close()
         self.watchers -= 1
         if w.owner is not None:
@@ -235,6 +418,14 @@ class Hub:
             if self._topics.get(topic.conversation_id) is topic:
                 del self._topics[topic.conversation_id]
             topic.scope.cancel()
+
+    def _detach(self, w: Watcher) -> None:
+        if w.attached:
+            w.attached = False
+            w.topic.attached.remove(w)
+        if w.held is not None:
+            w.held = None
+            w.topic.replaying.remove(w)
 
     # -- delivery ----------------------------------------------------------------
 
@@ -251,21 +442,21 @@ class Hub:
         # The buffered frames stay readable, then the stream ends with SLOW_CONSUMER.
         w.overflowed = True
         self.slow_consumers += 1
-        if w.attached:
-            w.attached = False
-            w.topic.attached.remove(w)
+        self._detach(w)
         w.send.close()
         log.info("slow consumer cut off (conversation %s)", w.topic.conversation_id)
 
-    def _deliver(self, topic: Topic, subject: str, payload: bytes) -> None:
-        """The NATS message handler: runs synchronously inside nats-py's callback."""
+    def _deliver(self, topic: Topic, subject: str, payload: bytes, _headers: object) -> None:
+        """The NATS message handler (history off): runs inside nats-py's callback."""
         self.events_in += 1
         parts = subject.split(".")
         event = parse_event(parts[1], payload, self._max_payload) if len(parts) == 3 else None
         if event is None:
             self.dropped += 1
             return
-        frame = event.frame
+        self._fanout(topic, event.frame)
+
+    def _fanout(self, topic: Topic, frame: bytes, seq: int = 0) -> None:
         topic.active = True
         # A watcher over either limit (frames, via WouldBlock; bytes, checked here) is
         # a slow consumer: cut off alone, after the loop, while the rest get the frame.
@@ -285,27 +476,173 @@ class Hub:
                 slow = []
             slow.append(w)
         self.events_out += len(topic.attached)
+        if topic.replaying:
+            for w in topic.replaying:
+                held = w.held
+                assert held is not None
+                if len(held) < self._buffer and w.held_bytes <= cap:
+                    held.append((seq, frame))
+                    w.held_bytes += size
+                else:
+                    if slow is None:
+                        slow = []
+                    slow.append(w)
         if slow is not None:
-            self.events_out -= len(slow)
             for w in slow:
+                if w.attached:
+                    self.events_out -= 1
                 self._overflow(w)
+
+    # -- history: the live path with positions -----------------------------------
+
+    def _deliver_live(
+        self, topic: Topic, subject: str, payload: bytes, headers: dict[str, str] | None
+    ) -> None:
+        """The NATS message handler (history on): a republished, numbered event.
+
+        Events at or below the cursor were delivered already (a replayed catch-up, or
+        a copy in flight from before the subscription); an event whose previous
+        sequence on its subject is not the one delivered last means the live path
+        missed something: the topic holds live events and fetches the gap.
+        """
+        self.events_in += 1
+        held = topic.held
+        if held is not None:
+            if len(held) < _TOPIC_HOLD:
+                held.append((subject, payload, headers))
+            else:
+                topic.held_overflow = True
+            return
+        try:
+            assert headers is not None
+            seq = int(headers["Nats-Sequence"])
+            kind = headers["Nats-Subject"].split(".")[1]
+            previous = int(headers.get("Nats-Last-Sequence", "-1"))
+        except (AssertionError, KeyError, ValueError, IndexError):
+            self.dropped += 1
+            return
+        if seq <= topic.cursor:
+            return
+        if kind in topic.last_on and previous != topic.last_on[kind]:
+            log.info(
+                "conversation %s: gap before seq %d (%s after %d, expected %d); fetching",
+                topic.conversation_id,
+                seq,
+                kind,
+                previous,
+                topic.last_on[kind],
+            )
+            topic.held = [(subject, payload, headers)]
+            topic.wake.set()
+            return
+        self._deliver_stored(topic, kind, seq, payload)
+
+    def _deliver_stored(self, topic: Topic, kind: str, seq: int, payload: bytes) -> None:
+        history = self.history
+        assert history is not None
+        topic.cursor = seq
+        if kind in topic.last_on:
+            topic.last_on[kind] = seq
+        event = parse_event(kind, payload, self._max_payload, history.event_id(seq))
+        if event is None:
+            self.dropped += 1
+            return
+        self._fanout(topic, event.frame, seq)
+
+    def _release_held(self, topic: Topic) -> None:
+        held, topic.held = topic.held, None
+        for subject, payload, headers in held or ():
+            self.events_in -= 1  # counted again by the live path
+            self._deliver_live(topic, subject, payload, headers)
+
+    async def _catch_up(self, topic: Topic, history: History) -> None:
+        """Fetch and fan out everything after the cursor, then release held live events."""
+        cid = topic.conversation_id
+        delay = 0.05
+        filled = 0
+        while True:
+            try:
+                batch, more = await history.fetch(cid, topic.cursor)
+            except (BusUnavailable, ApiError, TimeoutError) as exc:
+                log.info("conversation %s: catch-up waits (%s)", cid, exc)
+                await self._bus.wait_connected()
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            for m in batch:
+                if m.seq > topic.cursor:
+                    filled += 1
+                    self._deliver_stored(topic, m.subject.split(".")[1], m.seq, m.data)
+            if more and batch:
+                continue
+            if topic.held_overflow:
+                # Live events were dropped while we fetched: they are in the stream.
+                topic.held_overflow = False
+                topic.held = []
+                continue
+            break
+        if filled:
+            self.gaps_filled += 1
+            log.info("conversation %s: %d missed events delivered from the stream", cid, filled)
+        self._release_held(topic)
+
+    async def _start_position(self, topic: Topic, history: History) -> None:
+        delay = 0.05
+        while True:
+            try:
+                position = await history.position(topic.conversation_id)
+            except (BusUnavailable, ApiError, TimeoutError) as exc:
+                log.info("conversation %s: position waits (%s)", topic.conversation_id, exc)
+                await self._bus.wait_connected()
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            topic.cursor = position.last
+            topic.last_on = {"chunk": position.chunk, "message": position.message}
+            return
 
     async def _run_topic(self, topic: Topic) -> None:
         cid = topic.conversation_id
-
-        def handler(subject: str, payload: bytes) -> None:
-            self._deliver(topic, subject, payload)
-
         with topic.scope:
             try:
-                async with self._bus.subscription(ids.watch_subject(cid), handler):
-                    topic.live.set()
-                    await trio.sleep_forever()
+                await self.history_decided.wait()
+                history = self.history
+                if history is None:
+                    await self._run_core_topic(topic)
+                else:
+                    await self._run_history_topic(topic, history)
             except Exception:
                 # A subscription that cannot be made must not take the process down:
                 # its watchers are told and their streams end; the next watcher retries.
                 log.exception("subscription for conversation %s failed", cid)
                 self._fail_topic(topic)
+
+    async def _run_core_topic(self, topic: Topic) -> None:
+        def handler(subject: str, payload: bytes, headers: object) -> None:
+            self._deliver(topic, subject, payload, headers)
+
+        async with self._bus.subscription(ids.watch_subject(topic.conversation_id), handler):
+            topic.live.set()
+            await trio.sleep_forever()
+
+    async def _run_history_topic(self, topic: Topic, history: History) -> None:
+        cid = topic.conversation_id
+
+        def live(subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
+            self._deliver_live(topic, subject, payload, headers)
+
+        # Hold live events until the position is known: those at or below it are
+        # dropped, the rest fanned out in order.
+        topic.held = []
+        async with self._bus.subscription(history.live_subject(cid), live):
+            await self._start_position(topic, history)
+            self._release_held(topic)
+            topic.live.set()
+            while True:
+                await topic.wake.wait()
+                topic.wake = trio.Event()
+                if topic.held is not None:
+                    await self._catch_up(topic, history)
 
     def _fail_topic(self, topic: Topic) -> None:
         topic.failed = True
@@ -314,15 +651,23 @@ class Hub:
             del self._topics[topic.conversation_id]
         failed = sse.error_frame("subscription failed")
         for w in list(topic.members):
+            self._detach(w)
             self._push(w, failed)
             w.send.close()
 
     def _on_bus_status(self, connected: bool) -> None:
         if connected:
+            if self.history is not None:
+                # Whatever was stored while the connection was down (or moving to
+                # another server) is fetched before the next live event goes out.
+                for topic in self._topics.values():
+                    if topic.live.is_set() and topic.held is None:
+                        topic.held = []
+                        topic.wake.set()
             return
         for topic in self._topics.values():
             for w in list(topic.members):
-                if w.attached:
+                if w.attached or w.held is not None:
                     self._push(w, NATS_LOST)
                 elif not w.told_down:
                     w.told_down = True
@@ -350,6 +695,8 @@ async def open_hub(
     max_payload: int,
     keepalive: float,
     buffer_bytes: int = 16 * 1024 * 1024,
+    replay_cap: int = 5000,
+    await_history: bool = False,
 ) -> AsyncGenerator[Hub, None]:
     """A running hub; its subscriptions are removed when the block exits."""
     hub = Hub(
@@ -358,6 +705,8 @@ async def open_hub(
         buffer_bytes=buffer_bytes,
         max_payload=max_payload,
         keepalive=keepalive,
+        replay_cap=replay_cap,
+        await_history=await_history,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -44,6 +44,24 @@ class _HubCollector(Collector):
             "Watchers cut off for not reading",
             value=s.slow_consumers,
         )
+        yield CounterMetricFamily(
+            "chatwatch_replays", "Resumes and late joins served from history", value=s.replays
+        )
+        yield CounterMetricFamily(
+            "chatwatch_events_replayed",
+            "Events sent to watchers from history",
+            value=s.events_replayed,
+        )
+        yield CounterMetricFamily(
+            "chatwatch_gaps_filled",
+            "Times a conversation's live path missed events and fetched them from history",
+            value=s.gaps_filled,
+        )
+        yield CounterMetricFamily(
+            "chatwatch_resumes_refused",
+            "Resume requests whose id could not be honoured",
+            value=s.resumes_refused,
+        )
         yield GaugeMetricFamily(
             "chatwatch_nats_connected",
             "1 while the NATS connection is up",

@@ -30,9 +30,10 @@ import trio
 from app import embedded, sse
 from app.bus import Bus, open_bus
 from app.config import Settings
-from app.errors import unwrap_single
+from app.errors import BusUnavailable, unwrap_single
+from app.history import HistoryConfig, open_history
 from app.http import CloseSafeASGI, Demo, create_app
-from app.hub import open_hub
+from app.hub import Hub, open_hub
 from app.listen import make_listener
 from app.store import open_store
 
@@ -74,6 +75,33 @@ async def collect_garbage(min_interval: float = 10.0, budget: float = 0.01) -> N
         gc.collect()
         took = time.perf_counter() - started
         interval = max(min_interval, took / budget)
+
+
+async def _decide_history(bus: Bus, hub: Hub, settings: Settings) -> None:
+    """Find or create the history stream once NATS is there; tell the hub.
+
+    A stream that exists but does not fit raises HistoryError: the service stops with
+    that one line rather than serve streams that cannot keep their promise.
+    """
+    config = HistoryConfig(
+        stream=settings.history_stream,
+        max_age=settings.history_max_age,
+        max_per_conversation=settings.history_max_per_conversation,
+        replicas=settings.history_replicas,
+        replay_cap=settings.replay_cap,
+    )
+    delay = 0.1
+    while True:
+        await bus.wait_connected()
+        try:
+            history = await open_history(bus, config, settings.history)
+        except BusUnavailable as exc:
+            log.info("history: waiting for NATS (%s)", exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        hub.set_history(history)
+        return
 
 
 async def _watch_signals(stop: trio.Event) -> None:
@@ -126,8 +154,11 @@ async def run(
                     buffer_bytes=settings.watcher_buffer_bytes,
                     max_payload=settings.max_payload,
                     keepalive=settings.keepalive,
+                    replay_cap=settings.replay_cap,
+                    await_history=True,
                 )
             )
+
             app = create_app(
                 hub=hub,
                 store=store,
@@ -163,6 +194,9 @@ async def run(
 
             async with trio.open_nursery() as server_nursery:
                 server_nursery.start_soon(collect_garbage)
+                # Decided at the first connection (it depends on the servers); topics
+                # wait for it before they subscribe.
+                server_nursery.start_soon(_decide_history, bus, hub, settings)
                 binds = await server_nursery.start(serve_app)
                 log.info("serving on %s", ", ".join(binds))
                 if extra is not None:

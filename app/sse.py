@@ -22,15 +22,20 @@ def data_frame(event_json: bytes, data_json: bytes, event_id: str | None = None)
     """``data: {"event":<event_json>,"data":<data_json>}`` as one frame.
 
     Both arguments must already be one-line JSON (see `events.py`). `event_id`, when
-    given, must be digits only (a JetStream sequence): it becomes an ``id:`` line.
+    given, is an ``{epoch}-{seq}`` id (lowercase letters, digits, one hyphen: nothing
+    that could end a line): it becomes an ``id:`` line before the data.
     """
     head = b"" if event_id is None else b"id: " + event_id.encode("ascii") + b"\n"
     return head + b'data: {"event":' + event_json + b',"data":' + data_json + b"}\n\n"
 
 
-def error_frame(text: str) -> bytes:
-    """The contract's ``error`` event: a problem the client should show."""
-    return data_frame(b'"error"', json_string(text))
+def error_frame(text: str, event_id: str | None = None) -> bytes:
+    """The contract's ``error`` event: a problem the client should show.
+
+    Only an error that stands for a stored event (one too large to forward) has an id;
+    errors about the stream itself never do (a client resumes from event ids only).
+    """
+    return data_frame(b'"error"', json_string(text), event_id)
 
 
 def comment(text: str) -> bytes:

@@ -16,7 +16,7 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from app.errors import unwrap_single
-from app.hub import SLOW_CONSUMER, Hub, Watcher
+from app.hub import SLOW_CONSUMER, Hub, Resume, Watcher
 
 # Frames already queued for a watcher are written together, up to this many bytes.
 _COALESCE_BYTES = 256 * 1024
@@ -33,10 +33,13 @@ def _cancel_if_busy(nursery: trio.Nursery) -> None:
 class WatchBody(ResponseBody):
     """Streams one watcher; the hub forgets it when the body is closed, however."""
 
-    def __init__(self, hub: Hub, conversation_id: str, owner: str | None) -> None:
+    def __init__(
+        self, hub: Hub, conversation_id: str, owner: str | None, resume: Resume | None = None
+    ) -> None:
         self._hub = hub
         self._conversation_id = conversation_id
         self._owner = owner
+        self._resume = resume
         self._watcher: Watcher | None = None
         self._stack = AsyncExitStack()
         self._ended = False
@@ -56,13 +59,14 @@ class WatchBody(ResponseBody):
             self._ended = True
             return self
         if self._watcher is None:
-            self._watcher = self._hub.join(self._conversation_id, self._owner)
+            self._watcher = self._hub.join(self._conversation_id, self._owner, self._resume)
         stack = self._stack
         stack.callback(self._hub.leave, self._watcher)
         nursery = await stack.enter_async_context(trio.open_nursery())
         # What feeds the channel besides the hub's fan-out: the admission (NATS status,
-        # waiting for the subscription, `:ok`). Keepalives and NATS status changes come
-        # from the hub's own tasks, one for all watchers.
+        # waiting for the subscription, `:ok`, and with history on the replay: it runs
+        # here, in this watcher's nursery, never in the hub). Keepalives and NATS status
+        # changes come from the hub's own tasks, one for all watchers.
         nursery.start_soon(self._hub.admit, self._watcher)
         stack.callback(_cancel_if_busy, nursery)
         return self

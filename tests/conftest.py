@@ -82,6 +82,9 @@ async def start_service(
     **overrides: object,
 ) -> Service:
     db_path = tmp_path / "chatwatch.db"
+    # History off unless a test asks: most tests pin the core-NATS stream (no ids, no
+    # replay); tests/test_resume.py turns it on.
+    overrides.setdefault("history", "off")
     settings = Settings(
         bind="127.0.0.1:0",
         nats_urls=(nats.url,),

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-Handler = Callable[[str, bytes], None]
+Handler = Callable[[str, bytes, dict[str, str] | None], None]
 
 
 class FakeBus:
@@ -55,4 +55,4 @@ class FakeBus:
 
     def deliver(self, subject: str, payload: bytes) -> None:
         conversation_id = subject.rsplit(".", 1)[1]
-        self.handlers[f"chat.*.{conversation_id}"](subject, payload)
+        self.handlers[f"chat.*.{conversation_id}"](subject, payload, None)

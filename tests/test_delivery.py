@@ -18,6 +18,8 @@ async def watch(svc: Service, conversation_id: str, token: str) -> Response:
 
 
 def parse(frame: bytes) -> tuple[str, object]:
+    if frame.startswith(b"id: "):  # history on: one id line, then the data line
+        frame = frame.split(b"\n", 1)[1]
     assert frame.startswith(b"data: ")
     assert b"\n" not in frame
     obj = json.loads(frame[6:])

@@ -20,7 +20,7 @@ async def test_healthz_and_readyz(svc: Service) -> None:
     status, _headers, body = await get(svc.port, "/healthz")
     assert (status, json.loads(body)) == (200, {"status": "ok"})
     status, _, body = await get(svc.port, "/readyz")
-    assert (status, json.loads(body)) == (200, {"nats": True, "store": True})
+    assert (status, json.loads(body)) == (200, {"nats": True, "store": True, "history": False})
 
 
 async def test_metrics_count_watchers_and_events(svc: Service) -> None:

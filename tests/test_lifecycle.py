@@ -131,7 +131,7 @@ async def test_watcher_arriving_while_nats_is_down_gets_error_then_ok(
         (seed,) = await svc.seed()
         status, _, body = await _get_ready(svc)
         assert status == 503
-        assert json.loads(body) == {"nats": False, "store": True}
+        assert json.loads(body) == {"nats": False, "store": True, "history": False}
         response = await request(svc.port, watch_path(seed.conversation_id), token=seed.token)
         assert response.status == 200
         with trio.fail_after(5):
