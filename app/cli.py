@@ -8,45 +8,86 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
-from app import __version__, ids
-from app.config import Settings
-from app.errors import ChatwatchError, unwrap_single
-from app.store import DEFAULT_SESSION_TTL, open_store, sqlite_path
+from app import __version__, config, ids
+from app.config import Settings, env_var
+from app.errors import ChatwatchError, UsageError, unwrap_single
+from app.listen import bind
+from app.store import DEFAULT_SESSION_TTL, open_store
 
 DEFAULT_PUBLISH_NATS = "nats://127.0.0.1:4222"
 
 
+class _FromEnv:
+    """A value taken from the environment, kept as text until the command is known.
+
+    argparse would convert a string default with the option's type and report a bad
+    one as the flag (``argument --keepalive: invalid _number value``), for options of
+    every subcommand alike. Wrapped, it passes through untouched and `resolve` checks
+    it with the same parser as the flag, naming the variable.
+    """
+
+    __slots__ = ("parse", "text", "var")
+
+    def __init__(self, var: str, text: str, parse: Callable[[str], Any] | None) -> None:
+        self.var, self.text, self.parse = var, text, parse
+
+
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` for argparse: its ValueError message becomes the usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
 class _EnvParser(argparse.ArgumentParser):
-    """An ArgumentParser whose options default to CHATWATCH_* environment variables."""
+    """An ArgumentParser whose options default to CHATWATCH_* environment variables,
+    and whose usage errors are one line."""
 
     env: Mapping[str, str] = os.environ
 
-    def add_option(self, flag: str, **kwargs: Any) -> None:
-        var = "CHATWATCH_" + flag.lstrip("-").replace("-", "_").upper()
+    def add_option(
+        self, flag: str, *, parse: Callable[[str], Any] | None = None, **kwargs: Any
+    ) -> None:
+        var = env_var(flag)
+        if parse is not None:
+            kwargs["type"] = _flag_type(parse)
         if var in self.env:
-            kwargs["default"] = self.env[var]
+            kwargs["default"] = _FromEnv(var, self.env[var], parse)
             kwargs.pop("required", None)
         help_text = kwargs.get("help", "")
         kwargs["help"] = f"{help_text} [env {var}]".strip()
         self.add_argument(flag, **kwargs)
 
+    def error(self, message: str) -> NoReturn:
+        # A bad value reads as one from the environment does: the setting, the reason.
+        if message.startswith("argument "):
+            self.exit(2, f"chatwatch: {message.removeprefix('argument ')}\n")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
 
+def resolve(args: argparse.Namespace) -> dict[str, str]:
+    """Check the values that came from the environment; return {dest: variable}.
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
+    Raises UsageError naming the variable, as the user gave it.
+    """
+    given: dict[str, str] = {}
+    for dest, value in vars(args).items():
+        if isinstance(value, _FromEnv):
+            try:
+                setattr(args, dest, value.parse(value.text) if value.parse else value.text)
+            except ValueError as exc:
+                raise UsageError(f"{value.var}: {exc}") from None
+            given[dest] = value.var
+    return given
 
 
 def _conversation_id(text: str) -> str:
@@ -57,70 +98,27 @@ def _conversation_id(text: str) -> str:
 
 
 def _add_database(p: _EnvParser) -> None:
-    p.add_option("--database-url", default=None, help="sqlite:///PATH (default ./chatwatch.db)")
-
-
-def _add_serve_options(p: _EnvParser, *, bind: str) -> None:
-    p.add_option("--bind", default=bind, help="HOST:PORT to listen on")
     p.add_option(
-        "--nats-url",
+        "--database-url",
         default=None,
-        help="NATS URL(s), comma-separated; none: start an embedded nats-server",
+        parse=config.database_url,
+        metavar="URL",
+        help="sqlite:///PATH (default ./chatwatch.db)",
     )
-    _add_database(p)
-    p.add_option(
-        "--keepalive",
-        type=_positive_float,
-        default=15.0,
-        help="seconds between keepalive comments on an idle stream",
-    )
-    p.add_option(
-        "--watcher-buffer",
-        type=_positive_int,
-        default=8192,
-        help="frames queued per watcher before it is cut off as a slow consumer",
-    )
-    p.add_option(
-        "--watcher-buffer-bytes",
-        type=_positive_int,
-        default=16 * 1024 * 1024,
-        help="bytes queued per watcher before it is cut off as a slow consumer",
-    )
-    p.add_option(
-        "--max-payload",
-        type=_positive_int,
-        default=1024 * 1024,
-        help="largest NATS payload forwarded, in bytes",
-    )
-    p.add_option(
-        "--max-watchers",
-        type=_positive_int,
-        default=20000,
-        help="open streams per process (429 beyond)",
-    )
-    p.add_option(
-        "--max-watchers-per-session",
-        type=_positive_int,
-        default=100,
-        help="open streams per session (429 beyond)",
-    )
-    p.add_option(
-        "--shutdown-grace",
-        type=_positive_float,
-        default=1.0,
-        help="seconds streams get to close at shutdown",
-    )
-    p.add_option(
-        "--workers", type=_positive_int, default=1, help="processes sharing the port (SO_REUSEPORT)"
-    )
-    p.add_option(
-        "--write-timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds unacknowledged data may wait before a connection is dropped",
-    )
-    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    p.add_option("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _add_serve_options(p: _EnvParser) -> None:
+    """One option per `Settings` field, with the field's default and parser."""
+    for f, option in config.options():
+        p.add_option(
+            config.flag_of(f),
+            dest=f.name,
+            default=f.default,
+            parse=option.parse,
+            metavar=option.metavar,
+            choices=option.choices,
+            help=f"{option.help} (default: {f.default})",
+        )
 
 
 def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
@@ -130,10 +128,10 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_EnvParser)
 
     serve = commands.add_parser("serve", help="run the service")
-    _add_serve_options(serve, bind="127.0.0.1:8000")
+    _add_serve_options(serve)
 
     demo = commands.add_parser("demo", help="serve with a simulated AI run and a viewer page")
-    _add_serve_options(demo, bind="127.0.0.1:8000")
+    _add_serve_options(demo)
 
     users = commands.add_parser("users", help="manage users").add_subparsers(
         dest="action", required=True, parser_class=_EnvParser
@@ -148,7 +146,11 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     create = sessions.add_parser("create", help="create a session; prints its token")
     create.add_argument("user_id")
     create.add_option(
-        "--ttl", type=_positive_float, default=DEFAULT_SESSION_TTL, help="lifetime in seconds"
+        "--ttl",
+        parse=config.seconds(),
+        default=DEFAULT_SESSION_TTL,
+        metavar="SECONDS",
+        help="lifetime in seconds",
     )
     _add_database(create)
     revoke = sessions.add_parser("revoke", help="revoke a session")
@@ -166,8 +168,14 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     publish.add_argument("kind", choices=["chunk", "message"])
     publish.add_argument("conversation_id", type=_conversation_id)
     publish.add_argument("json", help="the payload (sent as given)")
-    publish.add_option("--nats-url", default=DEFAULT_PUBLISH_NATS, help="NATS URL(s)")
-    publish.add_option("--timeout", type=_positive_float, default=5.0)
+    publish.add_option(
+        "--nats-url",
+        default=DEFAULT_PUBLISH_NATS,
+        parse=config.nats_url_list,
+        metavar="URL[,URL...]",
+        help="NATS URL(s)",
+    )
+    publish.add_option("--timeout", parse=config.seconds(), default=5.0, metavar="SECONDS")
 
     watch = commands.add_parser("watch", help="watch one conversation in the terminal")
     watch.add_argument("conversation_id", type=_conversation_id)
@@ -176,26 +184,24 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     return parser
 
 
+def parse_args(
+    argv: Sequence[str] | None, env: Mapping[str, str] = os.environ
+) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The parsed command and {dest: environment variable} for values taken from there.
+
+    A bad flag exits 2 (argparse); a bad environment value raises UsageError.
+    """
+    args = build_parser(env).parse_args(argv)
+    return args, resolve(args)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    urls = (
-        tuple(u.strip() for u in args.nats_url.split(",") if u.strip()) if args.nats_url else None
-    )
-    return Settings(
-        bind=args.bind,
-        nats_urls=urls or None,
-        database_url=args.database_url,
-        keepalive=args.keepalive,
-        watcher_buffer=args.watcher_buffer,
-        watcher_buffer_bytes=args.watcher_buffer_bytes,
-        max_payload=args.max_payload,
-        max_watchers=args.max_watchers,
-        max_watchers_per_session=args.max_watchers_per_session,
-        shutdown_grace=args.shutdown_grace,
-        workers=args.workers,
-        log_level=args.log_level,
-        reuse_port=args.reuse_port,
-        write_timeout=args.write_timeout,
-    )
+    return Settings(**{f.name: getattr(args, f.name) for f, _ in config.options()})
+
+
+def _named(field: str, given: Mapping[str, str]) -> str:
+    """A setting as the user gave it: its environment variable, else its flag."""
+    return given.get(field) or "--" + field.replace("_", "-")
 
 
 def _admin(args: argparse.Namespace) -> Callable[[], Awaitable[str | None]]:
@@ -215,24 +221,18 @@ def _admin(args: argparse.Namespace) -> Callable[[], Awaitable[str | None]]:
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ) -> int:
-    args = build_parser(env).parse_args(argv)
-    if getattr(args, "database_url", None) is not None:
-        # Checked before anything starts: an unsupported scheme is a usage error,
-        # not a traceback from deep inside the service.
-        try:
-            sqlite_path(args.database_url)
-        except ValueError as exc:
-            print(f"chatwatch: --database-url: {exc}", file=sys.stderr)
-            return 2
+    try:
+        args, given = parse_args(argv, env)
+    except UsageError as exc:
+        print(f"chatwatch: {exc}", file=sys.stderr)
+        return 2
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
         if args.command in ("serve", "demo"):
-            from app import workers
-
-            return workers.main(args.command, settings_from(args))
+            return _serve(args, given)
         if args.command == "publish":
             from app.bus import publish_once
 
@@ -247,18 +247,37 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
 
             return trio.run(watch, args.url, args.conversation_id, args.token)
         result = trio.run(_admin(args))
-    except ChatwatchError as exc:
-        print(f"chatwatch: {exc}", file=sys.stderr)
-        return 1
     except BaseExceptionGroup as group:
         # Errors raised inside a nursery (publish_once's BusUnavailable) arrive wrapped.
         error = unwrap_single(group)
         if not isinstance(error, ChatwatchError):
             raise
-        print(f"chatwatch: {error}", file=sys.stderr)
-        return 1
+        return _fail(error)
+    except ChatwatchError as exc:
+        return _fail(exc)
     except KeyboardInterrupt:
         return 130
     if result is not None:
         print(result)
     return 0
+
+
+def _fail(error: ChatwatchError) -> int:
+    """One line; 2 for bad input or configuration, 1 for anything else."""
+    print(f"chatwatch: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
+
+
+def _serve(args: argparse.Namespace, given: Mapping[str, str]) -> int:
+    from app import workers
+
+    settings = settings_from(args)
+    if args.command == "demo" and settings.workers != 1:
+        print(
+            f"chatwatch demo: {_named('workers', given)} ignored: the demo is one process",
+            file=sys.stderr,
+        )
+    # Bound before anything starts (the embedded nats-server, the store, workers): a
+    # port in use is one line, with nothing to undo.
+    listener = bind(settings, _named("bind", given), _named("write_timeout", given))
+    return workers.main(args.command, settings, listener)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import socket
 import tempfile
 from pathlib import Path
 
@@ -75,7 +76,9 @@ async def simulate(bus: Bus, conversation_id: str, *, speed: float = 1.0) -> Non
         await trio.sleep(3.0 / speed)
 
 
-async def run_demo(settings: Settings, *, print_url: bool = True) -> None:
+async def run_demo(
+    settings: Settings, *, print_url: bool = True, listener: socket.socket | None = None
+) -> None:
     """Seed a demo user, session and conversation, then serve with the simulation."""
     with tempfile.TemporaryDirectory(prefix="chatwatch-demo-") as tmp:
         db = settings.database_url or f"sqlite:///{Path(tmp) / 'demo.db'}"
@@ -94,6 +97,7 @@ async def run_demo(settings: Settings, *, print_url: bool = True) -> None:
                     settings,
                     demo=Demo(token, conversation_id),
                     extra=extra,
+                    listener=listener,
                     task_status=task_status,
                 )
             )

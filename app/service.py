@@ -122,13 +122,15 @@ async def run(
     handle_signals: bool = True,
     demo: Demo | None = None,
     extra: Extra | None = None,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown` is set or a signal arrives; return when all is closed.
 
     `task_status.started` gets hypercorn's bound URLs. `extra(bus)`,
     if given, runs in the server's nursery (the demo's simulated AI run) and is
-    cancelled at shutdown.
+    cancelled at shutdown. `listener`, if given, is the bound socket to serve on (the
+    command line binds it before anything starts); else one is bound here.
     """
     stop = shutdown if shutdown is not None else trio.Event()
     try:
@@ -177,15 +179,12 @@ async def run(
             async def serve_app(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 try:
                     host, port = settings.host_port
-                    listener = make_listener(
-                        host,
-                        port,
-                        reuse_port=settings.reuse_port,
-                        write_timeout=settings.write_timeout,
+                    sock = listener or make_listener(
+                        host, port, write_timeout=settings.write_timeout
                     )
                     await hypercorn.trio.serve(
                         CloseSafeASGI(app),
-                        hypercorn_config(settings, listener),
+                        hypercorn_config(settings, sock),
                         shutdown_trigger=shutdown_trigger,
                         task_status=task_status,
                     )

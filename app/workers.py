@@ -1,18 +1,24 @@
 """Run `serve` or `demo` in this process, or `serve` in N processes on one port.
 
-With ``--workers N`` the parent starts the embedded nats-server (if no URL was given)
-and N children, each a full `chatwatch serve --workers 1` with its own NATS
-connection and hub, all bound to the same port with SO_REUSEPORT: the kernel spreads
-connections across them. The parent forwards SIGTERM/SIGINT and exits 0 when every
-child did.
+With ``--workers N`` the parent, which has bound the one listening socket (cli.py),
+starts the embedded nats-server (if no URL was given) and N children
+(``python -m app.workers``), each a full service with its own NATS connection and
+hub, accepting on the inherited socket: the kernel hands each connection to one of
+them. A child gets the parent's `Settings` object whole, as JSON on its stdin (not
+in an argv, which every local user can read, nor copied by hand flag by flag), with
+the socket's descriptor and its worker number, which its log lines carry. The parent
+forwards SIGTERM/SIGINT and exits 0 when every child did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 from functools import partial
 from typing import NoReturn
@@ -54,20 +60,22 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def main(command: str, settings: Settings) -> int:
-    tune_gc()
+def main(command: str, settings: Settings, listener: socket.socket) -> int:
+    """Serve on `listener` (bound by the caller) until a signal; return the exit code."""
     try:
         if command == "demo":
             from app.demo import run_demo
 
-            trio.run(run_demo, settings)
+            tune_gc()  # after the last import: Quart, hypercorn, jinja2 are frozen too
+            trio.run(partial(run_demo, settings, listener=listener))
             return 0
-        if settings.workers == 1:
-            from app.service import run
+        from app.service import run
 
-            trio.run(run, settings)
+        tune_gc()
+        if settings.workers == 1:
+            trio.run(partial(run, settings, listener=listener))
             _exit_now(0)
-        return trio.run(_supervise, settings)
+        return trio.run(_supervise, settings, listener)
     except KeyboardInterrupt:
         return 130
     except ConnectionClosedForGood as exc:
@@ -77,44 +85,43 @@ def main(command: str, settings: Settings) -> int:
         return 3
 
 
-def _child_args(settings: Settings, nats_url: str) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "app",
-        "serve",
-        "--workers",
-        "1",
-        "--reuse-port",
-        "--bind",
-        settings.bind,
-        "--nats-url",
-        nats_url,
-        "--keepalive",
-        str(settings.keepalive),
-        "--watcher-buffer",
-        str(settings.watcher_buffer),
-        "--watcher-buffer-bytes",
-        str(settings.watcher_buffer_bytes),
-        "--max-payload",
-        str(settings.max_payload),
-        "--max-watchers",
-        str(settings.max_watchers),
-        "--max-watchers-per-session",
-        str(settings.max_watchers_per_session),
-        "--shutdown-grace",
-        str(settings.shutdown_grace),
-        "--log-level",
-        settings.log_level,
-        "--write-timeout",
-        str(settings.write_timeout),
-    ]
-    if settings.database_url:
-        args += ["--database-url", settings.database_url]
-    return args
+def _child_args() -> list[str]:
+    return [sys.executable, "-m", "app.workers"]
 
 
-async def _supervise(settings: Settings) -> int:
+def _child_input(settings: Settings, nats_url: str, fd: int, worker: int) -> bytes:
+    child = dataclasses.replace(settings, nats_urls=(nats_url,), workers=1)
+    return json.dumps({"settings": child.to_json(), "fd": fd, "worker": worker}).encode()
+
+
+def child_main() -> int:
+    """A worker: read what the parent sent on stdin, serve on the inherited socket."""
+    from app.errors import ChatwatchError
+    from app.service import run
+
+    boot = json.loads(sys.stdin.buffer.read())
+    settings = Settings.from_json(boot["settings"])
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker {boot['worker']} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    listener = socket.socket(fileno=boot["fd"])
+    tune_gc()
+    try:
+        trio.run(partial(run, settings, listener=listener))
+    except KeyboardInterrupt:
+        return 130
+    except ConnectionClosedForGood as exc:
+        log.critical("%s; exiting", exc)
+        return 3
+    except ChatwatchError as exc:
+        print(f"chatwatch: worker {boot['worker']}: {exc}", file=sys.stderr)
+        return 1
+    _exit_now(0)
+
+
+async def _supervise(settings: Settings, listener: socket.socket) -> int:
     """Run the workers; on a signal, forward it once to each; if one worker exits on
     its own, stop the others too, so that the supervisor above us sees the failure
     and restarts the whole service rather than running with less capacity."""
@@ -126,16 +133,20 @@ async def _supervise(settings: Settings) -> int:
             else:
                 server = await nursery.start(embedded.serve_nats, settings.nats_data_dir)
                 nats_url = server.url
+            # The settings travel whole on stdin; the environment must not add to them.
             env = {k: v for k, v in os.environ.items() if not k.startswith("CHATWATCH_")}
             procs: list[trio.Process] = []
             async with trio.open_nursery() as children:
-                for _ in range(settings.workers):
+                fd = listener.fileno()
+                for worker in range(1, settings.workers + 1):
                     # Own session: a terminal's Ctrl-C or a group-wide SIGTERM reaches
                     # only us, and each worker gets exactly one signal, from us.
                     proc = await children.start(
                         partial(
                             trio.run_process,
-                            _child_args(settings, nats_url),
+                            _child_args(),
+                            stdin=_child_input(settings, nats_url, fd, worker),
+                            pass_fds=(fd,),
                             check=False,
                             env=env,
                             start_new_session=True,
@@ -176,5 +187,11 @@ async def _supervise(settings: Settings) -> int:
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise unwrap_single(group) from None
+    finally:
+        listener.close()
     # 0 only if every worker shut down cleanly.
     return max((abs(c) for c in codes), default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

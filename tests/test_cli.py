@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from app.cli import build_parser, main, settings_from
+from app.cli import build_parser, main, parse_args, settings_from
 from app.store import DEFAULT_SESSION_TTL, Access, Grant, SQLiteStore
 from tests.conftest import Service, chunk, wait_until, watch_path
 from tests.natsproc import NatsProcess
@@ -313,8 +313,19 @@ def _options() -> list[tuple[tuple[str, ...], argparse.Action]]:
     return found
 
 
+# Options whose values have a shape of their own: two valid values, unlike the default.
+VALUES = {
+    "--bind": ("127.0.0.1:7", "[::1]:9"),
+    "--nats-url": ("nats://a:7", "tls://b:9,ws://c"),
+    "--database-url": ("sqlite:///env.db", "cli.db"),
+    "--history-replicas": ("3", "5"),
+}
+
+
 def _two_values(action: argparse.Action) -> tuple[str, str]:
     """Two valid command-line values for `action`, both unlike its default."""
+    if action.option_strings[0] in VALUES:
+        return VALUES[action.option_strings[0]]
     if action.choices is not None:
         env_value, cli_value = [str(c) for c in action.choices if c != action.default][:2]
         return env_value, cli_value
@@ -340,9 +351,10 @@ def test_every_option_reads_its_environment_variable_and_the_command_line_wins(
 
     argv = [*words, *COMMANDS[words]]
     env = BASE_ENV | {var: env_value}
-    from_env = build_parser(env).parse_args(argv)
+    from_env, given = parse_args(argv, env)
     assert getattr(from_env, action.dest) == expected(env_value)
-    from_cli = build_parser(env).parse_args([*argv, flag, cli_value])
+    assert given[action.dest] == var  # what an error about it would name
+    from_cli, _ = parse_args([*argv, flag, cli_value], env)
     assert getattr(from_cli, action.dest) == expected(cli_value)
     assert f"[env {var}]" in (action.help or "")  # and --help says so
 
@@ -359,12 +371,12 @@ def test_serve_settings_come_from_the_environment() -> None:
         "CHATWATCH_BIND": "127.0.0.1:9999",
         "CHATWATCH_DATABASE_URL": "sqlite:///x.db",
     }
-    settings = settings_from(build_parser(env).parse_args(["serve"]))
+    settings = settings_from(parse_args(["serve"], env)[0])
     assert settings.nats_urls == ("nats://a:1", "nats://b:2")
     assert settings.keepalive == pytest.approx(7.5)
     assert settings.host_port == ("127.0.0.1", 9999)
     assert settings.database_url == "sqlite:///x.db"
-    assert settings_from(build_parser({}).parse_args(["serve"])).nats_urls is None
+    assert settings_from(parse_args(["serve"], {})[0]).nats_urls is None
 
 
 def test_an_unsupported_database_url_is_a_message_not_a_traceback(
@@ -373,7 +385,9 @@ def test_an_unsupported_database_url_is_a_message_not_a_traceback(
     env = {"CHATWATCH_DATABASE_URL": "postgresql://u@db/chat"}
     code, out, err = run_cli(capsys, "users", "add", "x", env=env)
     assert (code, out) == (2, "")
-    assert err == "chatwatch: --database-url: unsupported database URL scheme: postgresql\n"
+    assert err == (
+        "chatwatch: CHATWATCH_DATABASE_URL: unsupported database URL scheme: postgresql\n"
+    )
 
 
 # ---------------------------------------------------------------- publish

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -169,17 +170,59 @@ async def test_viewer_shows_payloads_as_text_never_as_html(svc: Service) -> None
     assert await browse(script, cookie=(svc.url, seed.token)) == []
 
 
-async def test_viewer_without_a_session_shows_the_stream_closed(svc: Service) -> None:
+async def test_viewer_without_a_session_says_so(svc: Service) -> None:
     (seed,) = await svc.seed()
 
     def script(page: Page) -> None:
         page.goto(f"{svc.url}/?conversation={seed.conversation_id}")
-        # A 401 fails the EventSource for good: no reconnect loop.
-        expect(page.locator("#status")).to_have_text("closed", timeout=TIMEOUT_MS)
+        # A 401 fails the EventSource for good: no reconnect loop, and the page says why.
+        expect(page.locator("#status")).to_have_text("closed: not signed in", timeout=TIMEOUT_MS)
         expect(page.locator("#status")).to_have_class("error")
 
     assert await browse(script) == []
     assert svc.nats.chat_subscriptions() == []
+
+
+async def test_viewer_with_an_unknown_conversation_says_not_found(svc: Service) -> None:
+    (seed,) = await svc.seed()
+    missing = str(uuid.uuid4())
+
+    def script(page: Page) -> None:
+        page.goto(f"{svc.url}/?conversation={missing}")
+        expect(page.locator("#status")).to_have_text(
+            "closed: conversation not found", timeout=TIMEOUT_MS
+        )
+
+    assert await browse(script, cookie=(svc.url, seed.token)) == []
+
+
+async def test_demo_page_with_a_stale_conversation_watches_the_current_one(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
+) -> None:
+    # A bookmark of a previous demo run: its conversation is gone after a restart.
+    stale = str(uuid.uuid4())
+    store = SQLiteStore(tmp_path / "chatwatch.db")  # start_service's database
+    try:
+        user = await store.add_user("demo")
+        token = await store.create_session(user)
+        cid = await store.create_conversation(user, "Demo conversation")
+    finally:
+        await store.aclose()
+    svc = await start_service(nursery, nats, tmp_path, demo=Demo(token, cid))
+
+    def script(page: Page) -> None:
+        page.goto(f"{svc.url}/?conversation={stale}")
+        expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
+        assert page.locator("#cid").input_value() == cid
+        assert page.url.endswith(f"?conversation={cid}")
+        expect(page.locator("#log .error")).to_have_text(
+            f"conversation {stale} not found; watching {cid} instead"
+        )
+        sync_publish(nats, cid, [(f"chat.chunk.{cid}", chunk("token", text="current-run"))])
+        expect(page.locator("#log .answer")).to_have_text("current-run", timeout=TIMEOUT_MS)
+
+    assert await browse(script) == []
+    await svc.store.aclose()
 
 
 async def test_demo_page_logs_the_browser_in_and_prefills_the_conversation(
