@@ -84,6 +84,9 @@ async def served(
         "--log-level",
         "info",
     ]
+    if "--history" not in args:
+        # Most tests pin the core-NATS stream; history tests pass --history on.
+        command += ["--history", "off"]
     if db_in_env:
         env["CHATWATCH_DATABASE_URL"] = db_url
     else:
