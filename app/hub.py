@@ -300,56 +300,67 @@ class Hub:
         # its SUB on reconnect and flushes before saying so): `:ok` must still wait
         # for the connection, or events published meanwhile would be owed and lost.
         await self._bus.wait_connected()
+        history = self.history
+        resume = w.resume or Resume()
+        replay_from: int | None = None
+        refused: bytes | None = None
+        if history is not None and not resume.live_only:
+            # Where the replay starts is fixed before `:ok`: every event published after
+            # the client saw `:ok` is after that point, so it is replayed or live.
+            try:
+                replay_from, refused = await self._replay_start(w, history, resume)
+            except (BusUnavailable, ApiError, TimeoutError) as exc:
+                log.warning("replay for %s not possible: %s", topic.conversation_id, exc)
+                refused = sse.error_frame("history not available: the replay failed")
         if w.overflowed or topic.failed or self._closed or w not in topic.members:
             return
         self._push(w, sse.OK)
-        resume = w.resume or Resume()
-        if self.history is None or resume.live_only:
-            if self.history is None and resume.last_event_id is not None:
-                self._push(w, HISTORY_NOT_AVAILABLE)
-            if _cut_off(w):
-                return
+        if refused is not None:
+            self._push(w, refused)
+        elif history is None and resume.last_event_id is not None and not resume.live_only:
+            self._push(w, HISTORY_NOT_AVAILABLE)
+        if _cut_off(w):
+            return
+        if history is None or replay_from is None:
             w.attached = True
             topic.attached.append(w)
             return
-        await self._replay(w, self.history, resume)
-
-    async def _replay(self, w: Watcher, history: History, resume: Resume) -> None:
-        """Resume or late join: replay from the stream, then hand over to live.
-
-        The watcher collects live frames from the moment before the fetch starts, so
-        everything stored after the fetch's last read is among them; after the replay,
-        held frames at or below the last replayed sequence are skipped (the seam).
-        """
-        topic = w.topic
-        cid = topic.conversation_id
-        after: int | None = None
+        # Live frames collect in `held` from here, before the fetch starts: everything
+        # stored after the fetch's last read is among them.
+        w.held = []
+        topic.replaying.append(w)
         try:
-            raw = resume.last_event_id
-            if raw is not None:
-                parsed = history.parse_id(raw)
-                reason = parsed if isinstance(parsed, str) else None
-                if reason is None:
-                    assert isinstance(parsed, int)
-                    reason = await history.check_resume(cid, parsed)
-                    if reason is None:
-                        after = parsed
-                if reason is not None:
-                    self.resumes_refused += 1
-                    shown = raw if len(raw) <= 64 else raw[:64] + "..."
-                    self._push(w, sse.error_frame(f"cannot resume from {shown}: {reason}"))
-            if after is None:
-                after = (await history.position(cid)).message
-            if w.overflowed or w not in topic.members:
-                return
-            w.held = []
-            topic.replaying.append(w)
-            replayed = await self._send_replay(w, history, after)
+            replayed = await self._send_replay(w, history, replay_from)
         except (BusUnavailable, ApiError, TimeoutError) as exc:
-            log.warning("replay for conversation %s failed: %s", cid, exc)
+            log.warning("replay for conversation %s failed: %s", topic.conversation_id, exc)
             self._push(w, sse.error_frame("history not available: the replay failed"))
-            replayed = after or 0
+            replayed = replay_from
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return  # cut off (slow consumer, shutdown, revoked) while replaying
         self._go_live(w, replayed)
+
+    async def _replay_start(
+        self, w: Watcher, history: History, resume: Resume
+    ) -> tuple[int, bytes | None]:
+        """The sequence to replay after, and the error frame for a refused id, if any.
+
+        A resume from a usable id starts at that id; anything else is a late join, from
+        the conversation's last `message` event (0: its first event).
+        """
+        cid = w.topic.conversation_id
+        refused: bytes | None = None
+        raw = resume.last_event_id
+        if raw is not None:
+            parsed = history.parse_id(raw)
+            reason = parsed if isinstance(parsed, str) else None
+            if isinstance(parsed, int):
+                reason = await history.check_resume(cid, parsed)
+                if reason is None:
+                    return parsed, None
+            self.resumes_refused += 1
+            shown = raw if len(raw) <= 64 else raw[:64] + "..."
+            refused = sse.error_frame(f"cannot resume from {shown}: {reason}")
+        return (await history.position(cid)).message, refused
 
     async def _send_replay(self, w: Watcher, history: History, after: int) -> int:
         cid = w.topic.conversation_id

@@ -19,7 +19,8 @@ from app.embedded import nats_server_binary
 
 
 class NatsProcess:
-    def __init__(self) -> None:
+    def __init__(self, *, jetstream: bool = True) -> None:
+        self._jetstream = jetstream
         self._dir = tempfile.mkdtemp(prefix="chatwatch-test-nats-")
         self.client_port = -1
         self.monitor_port = -1
@@ -42,9 +43,7 @@ class NatsProcess:
             str(self.client_port),
             "-m",
             str(self.monitor_port),
-            "-js",
-            "-sd",
-            str(Path(self._dir) / "js"),
+            *(["-js", "-sd", str(Path(self._dir) / "js")] if self._jetstream else []),
             "--ports_file_dir",
             str(ports_dir),
         ]
