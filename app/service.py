@@ -34,7 +34,7 @@ from app.errors import unwrap_single
 from app.http import CloseSafeASGI, Demo, create_app
 from app.hub import open_hub
 from app.listen import make_listener
-from app.store import open_store
+from app.store import check_database, open_store
 
 log = logging.getLogger("chatwatch")
 
@@ -103,6 +103,9 @@ async def run(
     cancelled at shutdown.
     """
     stop = shutdown if shutdown is not None else trio.Event()
+    # Before anything starts (the embedded nats-server): a database that can never be
+    # opened is a usage error, not an outage.
+    await trio.to_thread.run_sync(check_database, settings.database_url)
     try:
         async with AsyncExitStack() as stack:
             outer = await stack.enter_async_context(trio.open_nursery())
