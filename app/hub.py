@@ -63,6 +63,7 @@ class Watcher:
 
     __slots__ = (
         "attached",
+        "ended",
         "overflowed",
         "owner",
         "queued_bytes",
@@ -79,6 +80,8 @@ class Watcher:
         self.attached = False
         self.overflowed = False
         self.told_down = False
+        # Ended by the hub (`end_sessions`): never admitted, never delivered to again.
+        self.ended = False
         # Bytes of frames queued and not yet taken by the response (see WatchBody).
         self.queued_bytes = 0
 
@@ -171,6 +174,35 @@ class Hub:
                     w.send.send_nowait(final)
                 w.send.close()
 
+    def owners(self) -> list[str]:
+        """The sessions (token hashes) with at least one open watcher."""
+        return list(self._per_owner)
+
+    def end_sessions(self, finals: dict[str, bytes]) -> int:
+        """End every watcher whose owner is in `finals` with that final frame (sync).
+
+        The watcher leaves the fan-out before the frame is queued and its channel is
+        closed after it: nothing reaches the stream after the final frame. Returns
+        how many watchers were ended.
+        """
+        ended = 0
+        for topic in list(self._topics.values()):
+            for w in list(topic.members):
+                final = finals.get(w.owner) if w.owner is not None else None
+                if final is None or w.ended:
+                    continue
+                w.ended = True
+                if w.attached:
+                    w.attached = False
+                    topic.attached.remove(w)
+                with contextlib.suppress(
+                    trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+                ):
+                    w.send.send_nowait(final)
+                w.send.close()
+                ended += 1
+        return ended
+
     # -- watchers --------------------------------------------------------------
 
     def join(self, conversation_id: str, owner: str | None = None) -> Watcher:
@@ -207,7 +239,7 @@ class Hub:
         # its SUB on reconnect and flushes before saying so): `:ok` must still wait
         # for the connection, or events published meanwhile would be owed and lost.
         await self._bus.wait_connected()
-        if w.overflowed or topic.failed or self._closed or w not in topic.members:
+        if w.overflowed or w.ended or topic.failed or self._closed or w not in topic.members:
             return
         self._push(w, sse.OK)
         if not w.overflowed:

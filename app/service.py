@@ -5,7 +5,8 @@
          +-- store                                       connections closed on exit
              +-- bus: trio-asyncio loop + NATS connection drained on exit
                  +-- hub: one task per watched conversation, keepalives
-                     +-- hypercorn serve() + signal handling
+                     +-- hypercorn serve() + signal handling, and the task that
+                         ends the streams of revoked or expired sessions
 
 Shutdown (SIGTERM/SIGINT, or the `shutdown` event): every stream gets a ``retry:``
 frame and ends, hypercorn closes the connections and returns, then each scope above
@@ -34,6 +35,7 @@ from app.errors import unwrap_single
 from app.http import CloseSafeASGI, Demo, create_app
 from app.hub import open_hub
 from app.listen import make_listener
+from app.revocation import end_revoked_sessions
 from app.store import check_database, open_store
 
 log = logging.getLogger("chatwatch")
@@ -166,6 +168,7 @@ async def run(
 
             async with trio.open_nursery() as server_nursery:
                 server_nursery.start_soon(collect_garbage)
+                server_nursery.start_soon(end_revoked_sessions, store, hub)
                 binds = await server_nursery.start(serve_app)
                 log.info("serving on %s", ", ".join(binds))
                 if extra is not None:
