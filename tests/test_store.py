@@ -13,9 +13,13 @@ import pytest
 import trio
 import trio.testing
 
+from app import service
 from app.auth import hash_token
+from app.config import Settings
 from app.errors import NotFound, StoreUnavailable, UsageError
 from app.store import Access, SQLiteStore, open_store, sqlite_path
+from tests.conftest import Service, watch_path
+from tests.sseclient import get, request
 
 T = TypeVar("T")
 
@@ -237,3 +241,27 @@ async def test_ended_sessions_names_revoked_expired_and_deleted(tmp_path: Path) 
     }
     assert await store.ended_sessions([]) == {}
     await store.aclose()
+
+
+async def test_a_database_deleted_under_the_server_answers_503_and_stays_gone(
+    svc: Service,
+) -> None:
+    (seed,) = await svc.seed()
+    path = watch_path(seed.conversation_id)
+    with trio.fail_after(10):
+        stream = await request(svc.port, path, token=seed.token)
+    assert stream.status == 200  # the server's connections are open and pooled
+    stream.abort()
+    for suffix in ("", "-wal", "-shm"):
+        svc.db_path.with_name(svc.db_path.name + suffix).unlink(missing_ok=True)
+    for _ in range(3):  # each broken connection is dropped; none may recreate the file
+        with trio.fail_after(10):
+            status, _, body = await get(svc.port, path, token=seed.token)
+        assert (status, body) == (503, b'{"error": "unavailable"}')
+    assert not svc.db_path.exists()
+
+
+async def test_the_service_refuses_an_unusable_database_before_starting(tmp_path: Path) -> None:
+    settings = Settings(bind="127.0.0.1:0", database_url=f"sqlite:///{tmp_path}")
+    with trio.fail_after(10), pytest.raises(UsageError, match="is a directory"):
+        await service.run(settings, handle_signals=False)
