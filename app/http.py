@@ -6,14 +6,14 @@ import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from app import auth, ids, metrics, openapi
+from app import auth, ids, limits, metrics, openapi
 from app.errors import StoreUnavailable
 from app.hub import Hub, Resume
 from app.store import Access, Store
@@ -65,6 +65,8 @@ def create_app(
     # one): an id that is not a UUID is a 404, however it is spelled.
     app.url_map.merge_slashes = False
     registry = metrics.make_registry(hub, is_nats_connected)
+    admission = limits.Admission(max_watchers, max_watchers_per_session)
+    app.asgi_app = _ReleaseSlots(app.asgi_app)  # type: ignore[method-assign]
     viewer = resources.files("app").joinpath("static/viewer.html").read_text("utf-8")
 
     @app.errorhandler(HTTPException)
@@ -102,12 +104,13 @@ def create_app(
         if hub.closed:
             return _json(UNAVAILABLE, 503, {"Retry-After": "1"})
         owner = grant.token_hash
-        if hub.watchers >= max_watchers or (
-            owner is not None and hub.watchers_of(owner) >= max_watchers_per_session
-        ):
+        # Checked and taken in one step, and held by the request until it ends.
+        slot = admission.try_reserve(owner)
+        if slot is None:
             return _json(TOO_MANY, 429, {"Retry-After": "5"})
+        limits.hold_for_request(cast(dict[str, Any], request.scope), slot)
         response = Response(
-            WatchBody(hub, conversation_id, owner, _resume_request()),
+            WatchBody(hub, conversation_id, owner, _resume_request(), slot),
             status=200,
             content_type="text/event-stream",
             headers=SSE_HEADERS,
@@ -157,6 +160,24 @@ def create_app(
         return response
 
     return app
+
+
+class _ReleaseSlots:
+    """ASGI middleware: a request's admission slot is released when the request ends.
+
+    The response body releases it as soon as it ends; this catches the request whose
+    body never ran (the client left while the head was being sent, which cancels
+    the request before Quart enters the body).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            limits.release_request_slot(scope)
 
 
 class CloseSafeASGI:

@@ -86,6 +86,7 @@ class Watcher:
 
     __slots__ = (
         "attached",
+        "ended",
         "held",
         "held_bytes",
         "overflowed",
@@ -112,6 +113,8 @@ class Watcher:
         self.attached = False
         self.overflowed = False
         self.told_down = False
+        # Ended by the hub (`end_sessions`): never admitted, never delivered to again.
+        self.ended = False
         # Bytes of frames queued and not yet taken by the response (see WatchBody).
         self.queued_bytes = 0
 
@@ -261,6 +264,33 @@ class Hub:
                     w.send.send_nowait(final)
                 w.send.close()
 
+    def owners(self) -> list[str]:
+        """The sessions (token hashes) with at least one open watcher."""
+        return list(self._per_owner)
+
+    def end_sessions(self, finals: dict[str, bytes]) -> int:
+        """End every watcher whose owner is in `finals` with that final frame (sync).
+
+        The watcher leaves the fan-out before the frame is queued and its channel is
+        closed after it: nothing reaches the stream after the final frame. Returns
+        how many watchers were ended.
+        """
+        ended = 0
+        for topic in list(self._topics.values()):
+            for w in list(topic.members):
+                final = finals.get(w.owner) if w.owner is not None else None
+                if final is None or w.ended:
+                    continue
+                w.ended = True
+                self._detach(w)
+                with contextlib.suppress(
+                    trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+                ):
+                    w.send.send_nowait(final)
+                w.send.close()
+                ended += 1
+        return ended
+
     # -- watchers --------------------------------------------------------------
 
     def join(
@@ -312,7 +342,7 @@ class Hub:
             except (BusUnavailable, ApiError, TimeoutError) as exc:
                 log.warning("replay for %s not possible: %s", topic.conversation_id, exc)
                 refused = sse.error_frame("history not available: the replay failed")
-        if w.overflowed or topic.failed or self._closed or w not in topic.members:
+        if w.overflowed or w.ended or topic.failed or self._closed or w not in topic.members:
             return
         self._push(w, sse.OK)
         if refused is not None:

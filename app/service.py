@@ -5,7 +5,8 @@
          +-- store                                       connections closed on exit
              +-- bus: trio-asyncio loop + NATS connection drained on exit
                  +-- hub: one task per watched conversation, keepalives
-                     +-- hypercorn serve() + signal handling
+                     +-- hypercorn serve() + signal handling, and the task that
+                         ends the streams of revoked or expired sessions
 
 Shutdown (SIGTERM/SIGINT, or the `shutdown` event): every stream gets a ``retry:``
 frame and ends, hypercorn closes the connections and returns, then each scope above
@@ -35,7 +36,8 @@ from app.history import HistoryConfig, open_history
 from app.http import CloseSafeASGI, Demo, create_app
 from app.hub import Hub, open_hub
 from app.listen import make_listener
-from app.store import open_store
+from app.revocation import end_revoked_sessions
+from app.store import check_database, open_store
 
 log = logging.getLogger("chatwatch")
 
@@ -133,6 +135,9 @@ async def run(
     command line binds it before anything starts); else one is bound here.
     """
     stop = shutdown if shutdown is not None else trio.Event()
+    # Before anything starts (the embedded nats-server): a database that can never be
+    # opened is a usage error, not an outage.
+    await trio.to_thread.run_sync(check_database, settings.database_url)
     try:
         async with AsyncExitStack() as stack:
             outer = await stack.enter_async_context(trio.open_nursery())
@@ -196,6 +201,7 @@ async def run(
                 # Decided at the first connection (it depends on the servers); topics
                 # wait for it before they subscribe.
                 server_nursery.start_soon(_decide_history, bus, hub, settings)
+                server_nursery.start_soon(end_revoked_sessions, store, hub)
                 binds = await server_nursery.start(serve_app)
                 log.info("serving on %s", ", ".join(binds))
                 if extra is not None:

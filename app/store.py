@@ -10,11 +10,14 @@ connection pool has connections.
 from __future__ import annotations
 
 import enum
+import json
+import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,9 @@ from typing import Protocol, TypeVar
 import trio
 
 from app import auth
-from app.errors import NotFound, StoreUnavailable
+from app.errors import NotFound, StoreUnavailable, UsageError
+
+log = logging.getLogger("chatwatch.store")
 
 T = TypeVar("T")
 
@@ -86,6 +91,17 @@ class Store(Protocol):
 
     async def revoke_session(self, token: str) -> None: ...
 
+    async def ended_sessions(self, token_hashes: Collection[str]) -> dict[str, str]:
+        """Which of these sessions may no longer watch, and why, in one round trip.
+
+        Returns token hash -> "revoked" or "expired"; a session that no longer exists
+        counts as revoked. Valid sessions are left out.
+
+        Raises:
+            StoreUnavailable: no definite answer (open streams must not be ended).
+        """
+        ...
+
     async def create_conversation(self, owner_id: str, title: str = "") -> str: ...
 
 
@@ -102,6 +118,56 @@ def sqlite_path(database_url: str | None) -> Path:
     return Path(database_url)
 
 
+def check_database(database_url: str | None) -> Path:
+    """Refuse, with one line, a database that can never work; create it otherwise.
+
+    Run (in a thread) before anything starts: a path that cannot be opened is a
+    mistake in the configuration, not an outage to answer with 503 forever.
+
+    Raises:
+        UsageError: naming --database-url and the reason.
+    """
+    try:
+        path = sqlite_path(database_url)
+    except ValueError as exc:
+        raise UsageError(f"--database-url: {exc}") from None
+    text = str(path)
+    if text in ("", ".") or text == ":memory:" or text.startswith("file:"):
+        # ":memory:" would give every pooled connection, and every worker, its own
+        # empty database.
+        raise UsageError(f"--database-url: {database_url!r} is not a database file path")
+    if path.is_dir():
+        raise UsageError(f"--database-url: {path} is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"--database-url: directory {path.parent} does not exist")
+    try:
+        conn = _open(path, create=True)
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise StoreUnavailable(f"database {path}: {exc}") from None
+        raise UsageError(f"--database-url: cannot open {path}: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"--database-url: cannot use {path}: {exc}") from None
+    conn.close()
+    return path
+
+
+def _open(path: Path, *, create: bool) -> sqlite3.Connection:
+    # Without `create`, a missing file is an error rather than a new empty database:
+    # a file deleted under a running server must be an outage, not a silent reset.
+    mode = "rwc" if create else "rw"
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5.0)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class _AuthRequest:
     __slots__ = ("conversation_id", "done", "error", "grant", "token_hash")
 
@@ -111,6 +177,11 @@ class _AuthRequest:
         self.done = trio.Event()
         self.grant: Grant | None = None
         self.error: StoreUnavailable | None = None
+
+    def fail(self, error: StoreUnavailable) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
 
 
 def _grant(row: tuple[str, str | None] | None, req: _AuthRequest) -> Grant:
@@ -128,6 +199,9 @@ class SQLiteStore:
     Each connection is used by one worker thread at a time: the limiter has as many
     tokens as the pool has connections, and a connection is taken from the pool (on the
     trio thread) only after a token is held.
+
+    The first connection may create the file and its schema; once the store has been
+    open, a missing file is an outage (`StoreUnavailable`), never recreated empty.
     """
 
     def __init__(self, path: Path, pool_size: int = 4) -> None:
@@ -139,6 +213,8 @@ class SQLiteStore:
         self._auth_queue: list[_AuthRequest] = []
         self._inodes: dict[int, int] = {}
         self._auth_leader = False
+        self._created = False
+        self._closed = False
 
     def _check_file(self, conn: sqlite3.Connection) -> None:
         # An open connection keeps reading a database file that was deleted or
@@ -151,15 +227,23 @@ class SQLiteStore:
             raise sqlite3.OperationalError("database file was replaced")
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, check_same_thread=False, timeout=5.0)
-        self._inodes[id(conn)] = os.stat(self._path).st_ino
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(SCHEMA)
+        conn = _open(self._path, create=not self._created)
+        try:
+            self._inodes[id(conn)] = os.stat(self._path).st_ino
+        except OSError as exc:
+            conn.close()
+            raise sqlite3.OperationalError(f"database file: {exc}") from exc
+        self._created = True
         return conn
+
+    def mark_created(self) -> None:
+        """The file was made by `check_database`: from now on it is never recreated."""
+        self._created = True
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._limiter:
+            if self._closed:
+                raise StoreUnavailable("the session store is closed")
             conn = self._pool.pop() if self._pool else None
 
             def work() -> tuple[sqlite3.Connection, T]:
@@ -175,7 +259,7 @@ class SQLiteStore:
 
             try:
                 used, result = await trio.to_thread.run_sync(work, abandon_on_cancel=False)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 if conn is not None:
                     # A connection that failed may be broken (file gone, disk error):
                     # drop it, the next call opens a fresh one.
@@ -184,24 +268,48 @@ class SQLiteStore:
                 raise StoreUnavailable(str(exc)) from exc
             except BaseException:
                 if conn is not None:
-                    self._pool.append(conn)
+                    self._give_back(conn)
                 raise
-            self._pool.append(used)
+            self._give_back(used)
             return result
 
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            async with self._limiter:
-                pass
-            while self._pool:
-                self._pool.pop().close()
-            self._inodes.clear()
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        # A call still in its thread when `aclose` gave up waiting closes its own
+        # connection on return.
+        if self._closed:
+            self._inodes.pop(id(conn), None)
+            conn.close()
+        else:
+            self._pool.append(conn)
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Close every connection, also those still in use in worker threads.
+
+        Holding all the limiter's tokens means no call is in a thread any more; a call
+        that is stuck longer than `grace` (a hung disk) closes its own connection
+        when it returns. Calls after this raise StoreUnavailable.
+        """
+        self._closed = True
+        held: list[object] = []
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + grace
+            for _ in range(self._pool_size):
+                borrower = object()
+                await self._limiter.acquire_on_behalf_of(borrower)
+                held.append(borrower)
+        for borrower in held:
+            self._limiter.release_on_behalf_of(borrower)
+        while self._pool:
+            self._pool.pop().close()
+        self._inodes.clear()
 
     async def authorize(self, token: str, conversation_id: str | None) -> Grant:
         # Watch requests arrive in bursts (a deploy, a reconnect storm): concurrent
         # checks share one worker-thread round trip. The first caller runs batches
         # until none is left, shielded, so that its own cancellation (its client left)
         # never strands the others waiting on it.
+        # Whatever a batch raises, every waiter is answered: none may wait forever on
+        # a leader that has gone.
         req = _AuthRequest(auth.hash_token(token), conversation_id)
         self._auth_queue.append(req)
         if not self._auth_leader:
@@ -210,9 +318,19 @@ class SQLiteStore:
                 with trio.CancelScope(shield=True):
                     while self._auth_queue:
                         batch, self._auth_queue = self._auth_queue, []
-                        await self._authorize_batch(batch)
+                        try:
+                            await self._authorize_batch(batch)
+                        except Exception as exc:
+                            log.exception("session check failed")
+                            error = StoreUnavailable(f"session check failed: {exc!r}")
+                            for r in batch:
+                                r.fail(error)
             finally:
                 self._auth_leader = False
+                # Only a BaseException (KeyboardInterrupt) gets here with work left.
+                left, self._auth_queue = self._auth_queue, []
+                for r in left:
+                    r.fail(StoreUnavailable("session check abandoned"))
         await req.done.wait()
         if req.error is not None:
             raise req.error
@@ -238,8 +356,7 @@ class SQLiteStore:
             rows = await self._run(query)
         except StoreUnavailable as exc:
             for r in batch:
-                r.error = exc
-                r.done.set()
+                r.fail(exc)
             return
         for r, row in zip(batch, rows, strict=True):
             r.grant = _grant(row, r)
@@ -301,6 +418,32 @@ class SQLiteStore:
         if await self._run(update) == 0:
             raise NotFound("no such session")
 
+    async def ended_sessions(self, token_hashes: Collection[str]) -> dict[str, str]:
+        hashes = list(token_hashes)
+        if not hashes:
+            return {}
+        now = time.time()
+
+        def query(c: sqlite3.Connection) -> list[tuple[str, int, float]]:
+            # One statement for any number of sessions: the hashes travel as one JSON
+            # parameter (no limit on bound variables to meet).
+            rows = c.execute(
+                "SELECT token_hash, revoked, expires_at FROM sessions "
+                "WHERE token_hash IN (SELECT value FROM json_each(?))",
+                (json.dumps(hashes),),
+            ).fetchall()
+            return [(str(h), int(r), float(e)) for h, r, e in rows]
+
+        found = {h: (revoked, expires) for h, revoked, expires in await self._run(query)}
+        ended: dict[str, str] = {}
+        for h in hashes:
+            state = found.get(h)
+            if state is None or state[0]:
+                ended[h] = "revoked"
+            elif state[1] <= now:
+                ended[h] = "expired"
+        return ended
+
     async def create_conversation(self, owner_id: str, title: str = "") -> str:
         await self._require_user(owner_id)
         conversation_id = str(uuid.uuid4())
@@ -357,10 +500,15 @@ class SQLiteStore:
 async def open_store(database_url: str | None) -> AsyncGenerator[SQLiteStore, None]:
     """Open the store named by `database_url`; its connections close on exit.
 
-    The schema is created on first use. A store that cannot be opened does not fail
-    here: every request answers 503 until it can (see errors.StoreUnavailable).
+    The file and its schema are created here if missing. Once open, a store that
+    cannot be reached answers 503 until it can (see errors.StoreUnavailable).
+
+    Raises:
+        UsageError: the database can never be opened (see `check_database`).
     """
-    store = SQLiteStore(sqlite_path(database_url))
+    path = await trio.to_thread.run_sync(check_database, database_url)
+    store = SQLiteStore(path)
+    store.mark_created()
     try:
         yield store
     finally:

@@ -17,6 +17,7 @@ from quart.wrappers.response import ResponseBody
 
 from app.errors import unwrap_single
 from app.hub import SLOW_CONSUMER, Hub, Resume, Watcher
+from app.limits import Slot
 
 # Frames already queued for a watcher are written together, up to this many bytes.
 _COALESCE_BYTES = 256 * 1024
@@ -34,12 +35,18 @@ class WatchBody(ResponseBody):
     """Streams one watcher; the hub forgets it when the body is closed, however."""
 
     def __init__(
-        self, hub: Hub, conversation_id: str, owner: str | None, resume: Resume | None = None
+        self,
+        hub: Hub,
+        conversation_id: str,
+        owner: str | None,
+        resume: Resume | None = None,
+        slot: Slot | None = None,
     ) -> None:
         self._hub = hub
         self._conversation_id = conversation_id
         self._owner = owner
         self._resume = resume
+        self._slot = slot
         self._watcher: Watcher | None = None
         self._stack = AsyncExitStack()
         self._ended = False
@@ -55,6 +62,10 @@ class WatchBody(ResponseBody):
         # Joining here, not in the route, pairs `join` with `leave` in one place with
         # no checkpoint between them: a client that hangs up while the response head
         # is being sent can never leave a watcher (and its subscription) behind.
+        if self._slot is not None:
+            # Released when the stream ends; the request releases it too if the body
+            # never gets this far (see http._ReleaseSlots). Release is idempotent.
+            self._stack.callback(self._slot.release)
         if self._hub.closed:
             self._ended = True
             return self
