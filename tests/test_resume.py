@@ -410,7 +410,7 @@ async def test_history_off_streams_without_ids_and_refuses_resume(
         assert [split(f)[0] for f in got[1:]] == [None, None]
         assert numbers(got[1:]) == [0, 1]
         with trio.fail_after(DEADLINE):
-            status, _headers, body = await _get(svc, "/readyz")
+            _status, _headers, body = await _get(svc, "/readyz")
         assert json.loads(body)["history"] is False
         await response.aclose()
         await pub.aclose()
