@@ -25,8 +25,10 @@ from app.store import SQLiteStore
 from tests.natsproc import NatsProcess
 from tests.polling import wait_until, wait_until_async
 from tests.rawnats import RawNats
+from tests.streams import watch_path
 
-__all__ = ["wait_until", "wait_until_async"]
+# Re-exported: tests import these from here.
+__all__ = ["wait_until", "wait_until_async", "watch_path"]
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +105,7 @@ async def start_service(
 async def svc(nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path) -> AsyncIterator[Service]:
     s = await start_service(nursery, nats, tmp_path)
     # Wait until the service's NATS connection is up: tests that need it down say so.
-    await wait_until_async(lambda: nats.monitor("/connz")["num_connections"] >= 1)
+    await wait_until(lambda: nats.monitor("/connz")["num_connections"] >= 1)
     yield s
     await s.store.aclose()
 
@@ -114,7 +116,3 @@ def chunk(chunk_type: str, **fields: object) -> bytes:
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-def watch_path(conversation_id: str) -> str:
-    return f"/api/ai/conversations/{conversation_id}/watch"

@@ -105,13 +105,13 @@ BAD_IDS = [
 @pytest.mark.parametrize("bad", BAD_IDS)
 async def test_bad_ids_are_404_and_never_subscribe(svc: Service, bad: str) -> None:
     (seed,) = await svc.seed()
-    before = svc.nats.chat_subscriptions()
+    before = await svc.nats.chat_subscriptions_async()
     status, headers, body = await get(
         svc.port, f"/api/ai/conversations/{bad}/watch", token=seed.token
     )
     assert (status, body) == (404, NOT_FOUND)
     assert headers["content-type"] == "application/json"
-    assert svc.nats.chat_subscriptions() == before
+    assert await svc.nats.chat_subscriptions_async() == before
 
 
 async def test_missing_and_foreign_conversations_are_byte_identical_404(svc: Service) -> None:
@@ -145,7 +145,7 @@ async def test_uppercase_id_watches_the_lowercase_conversation(svc: Service) -> 
     response = await request(svc.port, watch_path(seed.conversation_id.upper()), token=seed.token)
     assert response.status == 200
     assert await response.next_frame() == b":ok"
-    assert svc.nats.chat_subscriptions() == [f"chat.*.{seed.conversation_id}"]
+    assert await svc.nats.chat_subscriptions_async() == [f"chat.*.{seed.conversation_id}"]
     pub = await svc.publisher()
     await pub.publish(f"chat.message.{seed.conversation_id}", b'{"m":1}')
     assert await response.next_frame() == b'data: {"event":"message","data":{"m":1}}'

@@ -13,7 +13,7 @@ from tests.conftest import Service, chunk, start_service, watch_path
 from tests.natsproc import NatsProcess
 from tests.polling import poll_until
 from tests.sseclient import Response, get, request
-from tests.test_delivery import parse, watch
+from tests.streams import parse, watch
 
 
 async def test_healthz_and_readyz(svc: Service) -> None:

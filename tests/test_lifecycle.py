@@ -22,8 +22,8 @@ from tests.conftest import (
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
 from tests.served import served
-from tests.sseclient import Response, request
-from tests.test_delivery import parse, watch
+from tests.sseclient import Response, get, request
+from tests.streams import parse, watch, watch_port
 
 
 async def test_abrupt_close_of_50_idle_watchers_removes_subscriptions_within_1s(
@@ -31,7 +31,7 @@ async def test_abrupt_close_of_50_idle_watchers_removes_subscriptions_within_1s(
 ) -> None:
     seeds = await svc.seed(conversations=50)
     watchers = [await watch(svc, s.conversation_id, s.token) for s in seeds]
-    assert len(svc.nats.chat_subscriptions()) == 50
+    assert len(await svc.nats.chat_subscriptions_async()) == 50
     start = time.monotonic()
     for i, w in enumerate(watchers):
         if i % 2:
@@ -115,8 +115,6 @@ async def test_nats_restart_mid_stream_keeps_the_stream_and_resumes(svc: Service
 
 
 async def _get_ready(svc: Service) -> tuple[int, dict[str, str], bytes]:
-    from tests.sseclient import get
-
     return await get(svc.port, "/readyz")
 
 
@@ -186,12 +184,6 @@ async def test_sigterm_with_open_streams_ends_them_and_exits_0(
         assert elapsed < 2.0, elapsed
         assert srv.log is not None
         assert b"Traceback" not in srv.log.read_bytes()
-
-
-async def watch_port(port: int, cid: str, token: str) -> Response:
-    response = await request(port, watch_path(cid), token=token)
-    assert await response.next_frame() == b":ok"
-    return response
 
 
 async def test_unknown_subject_kinds_are_ignored(svc: Service) -> None:

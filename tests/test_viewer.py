@@ -179,7 +179,7 @@ async def test_viewer_without_a_session_shows_the_stream_closed(svc: Service) ->
         expect(page.locator("#status")).to_have_class("error")
 
     assert await browse(script) == []
-    assert svc.nats.chat_subscriptions() == []
+    assert await svc.nats.chat_subscriptions_async() == []
 
 
 async def test_demo_page_logs_the_browser_in_and_prefills_the_conversation(
