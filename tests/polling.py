@@ -12,16 +12,19 @@ from collections.abc import Awaitable, Callable
 import trio
 
 POLL_INTERVAL = 0.02
+# A hang guard, not a performance limit: two cores shared by parallel runs can stall
+# a process for seconds. A test that means a limit passes its own.
+LIMIT = 15.0
 
 
-async def poll_until(check: Callable[[], Awaitable[object]], limit: float = 5.0) -> None:
+async def poll_until(check: Callable[[], Awaitable[object]], limit: float = LIMIT) -> None:
     """Await `check()` until it is truthy; fail with TooSlowError after `limit` s."""
     with trio.fail_after(limit):
         while not await check():  # ruff: ignore[async-busy-wait] - external state
             await trio.sleep(POLL_INTERVAL)
 
 
-async def wait_until(predicate: Callable[[], object], limit: float = 5.0) -> None:
+async def wait_until(predicate: Callable[[], object], limit: float = LIMIT) -> None:
     """`poll_until` for a synchronous predicate, run in a worker thread.
 
     Such predicates block (an HTTP call to the NATS monitor, a read of /proc or of a

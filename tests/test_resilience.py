@@ -214,7 +214,7 @@ async def test_second_signal_exits_at_once_while_a_stalled_write_holds_shutdown(
             await srv.proc.wait()
         assert srv.proc.returncode is None  # the first shutdown is stuck on that write
         srv.proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(3):
+        with trio.fail_after(15):  # at once, but the machine may be loaded
             code = await srv.proc.wait()
         assert code == 1
         assert srv.log is not None

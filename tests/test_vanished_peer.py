@@ -98,10 +98,12 @@ async def test_vanished_client_is_gone_within_keepalive_plus_write_timeout(
             await trio.to_thread.run_sync(
                 ip, "netns", "exec", ns, "ip", "link", "set", inside, "down"
             )
-            await poll_until(  # keepalive + write timeout + slack
-                lambda: has_metric(srv.port, "chatwatch_watchers 0.0", host), limit=0.5 + 2 + 4
+            # keepalive + write timeout + slack for a loaded machine, still well below the
+            # 30 s before TCP keepalive would notice (so this is the service's doing).
+            await poll_until(
+                lambda: has_metric(srv.port, "chatwatch_watchers 0.0", host), limit=0.5 + 2 + 15
             )
-            await wait_until(lambda: nats.chat_subscriptions() == [], limit=5)
+            await wait_until(lambda: nats.chat_subscriptions() == [])
         finally:
             client.kill()
             await client.wait()
