@@ -92,9 +92,10 @@ async def start_service(
         **overrides,  # type: ignore[arg-type]
     )
     shutdown = trio.Event()
-    binds = await nursery.start(
-        partial(service.run, settings, shutdown=shutdown, handle_signals=False, demo=demo)
-    )
+    with trio.fail_after(30):  # a hang guard for startup; the service then runs on
+        binds = await nursery.start(
+            partial(service.run, settings, shutdown=shutdown, handle_signals=False, demo=demo)
+        )
     url = binds[0]
     port = int(url.rsplit(":", 1)[1])
     store = SQLiteStore(db_path)
