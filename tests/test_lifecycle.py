@@ -191,6 +191,7 @@ async def test_sigterm_with_open_streams_ends_them_and_exits_0(
             for s in streams:
                 rest = await s.read_body(limit=SHUTDOWN_LIMIT)
                 assert rest.startswith(b"retry: 1000\n")
+                await s.aclose()
             code = await srv.proc.wait()
         assert code == 0
         assert srv.log is not None
