@@ -16,10 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from tests import rawnats, sseclient
+from tests import rawnats, served as served_module, sseclient
 from tests.natsproc import NatsProcess
 from tests.polling import wait_until
-from tests.ports import closed_port
+from tests.ports import closed_port, free_port
 from tests.procfs import children_of, is_running, rss_kib
 
 TESTS = Path(__file__).resolve().parent
@@ -130,3 +130,17 @@ def test_no_test_module_imports_another() -> None:
                 if name.split(".")[-1].startswith("test_"):
                     offenders.append(f"{path.relative_to(TESTS)}:{node.lineno}: {name}")
     assert offenders == [], "import the helper modules instead:\n" + "\n".join(offenders)
+
+
+async def test_served_starts_again_on_another_port_when_its_port_was_taken(
+    nats: NatsProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The free-port race, lost on purpose: the first port is taken by the time the
+    service binds it."""
+    with closed_port() as taken:
+        ports = iter([taken, free_port()])
+        monkeypatch.setattr(served_module, "free_port", lambda: next(ports))
+        async with served_module.served(nats, tmp_path, conversations=1) as srv:
+            assert srv.port != taken
+            status, _, _ = await sseclient.get(srv.port, "/healthz")
+            assert status == 200
