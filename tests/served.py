@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
@@ -16,26 +15,37 @@ import trio
 from app.store import SQLiteStore
 from tests.natsproc import NatsProcess
 from tests.polling import poll_until
+from tests.ports import free_port
+
+# A port found free can be taken by another process before the service binds it: then
+# the service exits with "address in use" and is started again on another port.
+PORT_ATTEMPTS = 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+async def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on `port` now."""
+    try:
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 async def wait_listening(port: int, limit: float = 15.0, host: str = "127.0.0.1") -> None:
     """Wait until something accepts connections on `port` (another process)."""
+    await poll_until(lambda: accepts(port, host), limit)
 
-    async def accepts() -> bool:
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-        except OSError:
-            return False
-        await stream.aclose()
-        return True
 
-    await poll_until(accepts, limit)
+async def wait_serving(proc: trio.Process, port: int, host: str, limit: float = 15.0) -> bool:
+    """Wait until `proc` accepts connections on `port`: True, or False if it exited."""
+
+    async def settled() -> bool:
+        return proc.returncode is not None or await accepts(port, host)
+
+    await poll_until(settled, limit)
+    return proc.returncode is None
 
 
 @dataclass
@@ -67,7 +77,6 @@ async def served(
     token = await store.create_session(user)
     cids = [await store.create_conversation(user) for _ in range(conversations)]
     await store.aclose()
-    port = free_port()
     db_url = f"sqlite:///{db}"
     env = {**os.environ}
     command = [
@@ -75,8 +84,6 @@ async def served(
         "-m",
         "app",
         "serve",
-        "--bind",
-        f"{host}:{port}",
         "--nats-url",
         nats.url,
         "--max-watchers-per-session",
@@ -92,16 +99,28 @@ async def served(
     else:
         command += ["--database-url", db_url]
     log = tmp_path / "service.log"
-    with log.open("wb") as err:
-        proc = await trio.lowlevel.open_process([*command, *args], env=env, stderr=err)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()  # as late as possible: see PORT_ATTEMPTS
+        with log.open("wb") as err:
+            proc = await trio.lowlevel.open_process(
+                [*command, "--bind", f"{host}:{port}", *args], env=env, stderr=err
+            )
         try:
-            await wait_listening(port, host=host)
-            yield Served(port, proc, token, cids, log)
+            if await wait_serving(proc, port, host):
+                yield Served(port, proc, token, cids, log)
+                return
+            if attempt == PORT_ATTEMPTS or "in use" not in log.read_text().lower():
+                raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read_text()}")
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(5):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await stop(proc)
+
+
+async def stop(proc: trio.Process) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 5 s; reaped either way."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(5):
+            await proc.wait()
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()

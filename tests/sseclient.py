@@ -1,4 +1,9 @@
-"""A small HTTP/1.1 SSE client on raw trio sockets: exact bytes, abrupt closes."""
+"""A small HTTP/1.1 SSE client on raw trio sockets: exact bytes, abrupt closes.
+
+Every read has a deadline (`READ_LIMIT` unless the caller gives another), so a
+service that stops answering fails the test with `trio.TooSlowError` instead of
+hanging the run. A test waiting for something slow on purpose passes `limit=`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,15 @@ import struct
 
 import trio
 
+# Generous: an event the service already has arrives in milliseconds, but two cores
+# shared by parallel runs can stall a process for seconds.
+READ_LIMIT = 15.0
+
 
 class Response:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, limit: float = READ_LIMIT) -> None:
         self.stream = stream
+        self.limit = limit
         self.status = 0
         self.headers: dict[str, str] = {}
         self._raw = b""
@@ -28,6 +38,10 @@ class Response:
         return True
 
     async def read_head(self) -> None:
+        with trio.fail_after(self.limit):
+            await self._read_head()
+
+    async def _read_head(self) -> None:
         while b"\r\n\r\n" not in self._raw:
             if not await self._fill():
                 raise EOFError("connection closed before the response head")
@@ -60,8 +74,13 @@ class Response:
             self.raw_body += rest[:size]
             self._raw = rest[size + 2 :]
 
-    async def next_frame(self) -> bytes | None:
-        """The next SSE block (without its blank line), or None at the end."""
+    async def next_frame(self, limit: float | None = None) -> bytes | None:
+        """The next SSE block (without its blank line), or None at the end; TooSlowError
+        after `limit` (default: this response's)."""
+        with trio.fail_after(self.limit if limit is None else limit):
+            return await self._next_frame()
+
+    async def _next_frame(self) -> bytes | None:
         while True:
             self._decode()
             if b"\n\n" in self._body:
@@ -73,17 +92,23 @@ class Response:
                     continue
                 return None
 
-    async def read_body(self) -> bytes:
-        while not self._eof and await self._fill():
-            self._decode()
+    async def read_body(self, limit: float | None = None) -> bytes:
+        """The rest of the body, up to the end of the response."""
+        with trio.fail_after(self.limit if limit is None else limit):
+            while not self._eof and await self._fill():
+                self._decode()
         self._decode()
         body, self._body = self._body, b""
         return body
 
-    async def frames_until(self, predicate: object = None, count: int | None = None) -> list[bytes]:
+    async def frames_until(
+        self, predicate: object = None, count: int | None = None, limit: float | None = None
+    ) -> list[bytes]:
+        """Frames up to the end, `count` of them, or the first one `predicate` accepts;
+        the deadline is per frame."""
         out: list[bytes] = []
         while count is None or len(out) < count:
-            frame = await self.next_frame()
+            frame = await self.next_frame(limit)
             if frame is None:
                 break
             out.append(frame)
@@ -114,6 +139,27 @@ async def request(
     version: str = "HTTP/1.1",
     rcvbuf: int | None = None,
     host: str = "127.0.0.1",
+    limit: float = READ_LIMIT,
+) -> Response:
+    """Send a request and read the response head; the connect, the send and the head
+    share one deadline, `limit` (also the default for the response's reads)."""
+    with trio.fail_after(limit):
+        return await _request(
+            port, path, token, cookie, headers, method, version, rcvbuf, host, limit
+        )
+
+
+async def _request(
+    port: int,
+    path: str,
+    token: str | None,
+    cookie: str | None,
+    headers: dict[str, str] | None,
+    method: str,
+    version: str,
+    rcvbuf: int | None,
+    host: str,
+    limit: float,
 ) -> Response:
     if rcvbuf is None:
         stream = await trio.open_tcp_stream(host, port)
@@ -121,8 +167,12 @@ async def request(
         # A small receive buffer set before connecting: the window stays small, so a
         # client that stops reading stalls the server's writer quickly.
         sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect((host, port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
         stream = trio.SocketStream(sock)
     lines = [f"{method} {path} {version}", f"Host: {host}:{port}"]
     if token is not None:
@@ -131,9 +181,13 @@ async def request(
         lines.append(f"Cookie: chatwatch_session={cookie}")
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
-    await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    response = Response(stream)
-    await response.read_head()
+    response = Response(stream, limit)
+    try:
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await response._read_head()
+    except BaseException:
+        response.abort()
+        raise
     return response
 
 

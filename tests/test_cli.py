@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,8 +23,10 @@ from app.cli import build_parser, main, parse_args, settings_from
 from app.store import DEFAULT_SESSION_TTL, Access, Grant, SQLiteStore
 from tests.conftest import Service, chunk, wait_until, watch_path
 from tests.natsproc import NatsProcess
+from tests.ports import closed_port
+from tests.procfs import children_of, is_running
 from tests.sseclient import get, request
-from tests.test_delivery import parse, watch
+from tests.streams import parse, watch
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43,}")
@@ -113,12 +114,6 @@ async def run_cli_process(
         )
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Lines:
     """Accumulates a subprocess's output; waits for what it must contain."""
 
@@ -126,12 +121,14 @@ class Lines:
         self.stream = stream
         self.text = ""
 
-    async def until(self, predicate: Callable[[str], bool]) -> str:
-        while not predicate(self.text):
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError(f"output ended before the condition; got {self.text!r}")
-            self.text += data.decode("utf-8", "replace")
+    async def until(self, predicate: Callable[[str], bool], limit: float = 30.0) -> str:
+        """The output so far, once `predicate` accepts it; TooSlowError after `limit`."""
+        with trio.fail_after(limit):
+            while not predicate(self.text):
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError(f"output ended before the condition; got {self.text!r}")
+                self.text += data.decode("utf-8", "replace")
         return self.text
 
 
@@ -404,10 +401,11 @@ def test_publish_with_a_bad_conversation_id_is_a_usage_error(
 def test_publish_without_a_nats_server_exits_1_with_a_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    url = f"nats://127.0.0.1:{closed_port()}"
-    code, out, err = run_cli(
-        capsys, "publish", "chunk", SOME_CID, "{}", "--nats-url", url, "--timeout", "0.5"
-    )
+    with closed_port() as port:
+        url = f"nats://127.0.0.1:{port}"
+        code, out, err = run_cli(
+            capsys, "publish", "chunk", SOME_CID, "{}", "--nats-url", url, "--timeout", "0.5"
+        )
     assert (code, out) == (1, "")
     assert err == f"chatwatch: NATS at {url} did not answer within 0.5s\n"
 
@@ -525,8 +523,9 @@ async def test_watch_with_a_bad_token_exits_1(svc: Service) -> None:
 
 
 async def test_watch_without_a_server_exits_1_with_a_message() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
-    result = await run_cli_process("watch", SOME_CID, "--token", "t", "--url", url)
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        result = await run_cli_process("watch", SOME_CID, "--token", "t", "--url", url)
     assert result.returncode == 1
     err = result.stderr.decode()
     assert err.startswith(f"chatwatch: {url}/api/ai/conversations/{SOME_CID}/watch: ")
@@ -555,28 +554,6 @@ async def test_serve_with_an_unsupported_database_url_fails_cleanly(
         "chatwatch: --database-url: unsupported database URL scheme: postgresql\n"
     )
     assert list(await trio.Path(tmp_path).iterdir()) == []  # nothing started: no chatwatch.db
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: [state, ppid, ...]."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[1] == str(pid):
-            found.add(int(entry.name))
-    return found
-
-
-def _running(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
 
 
 async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: Path) -> None:
@@ -621,7 +598,7 @@ async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: P
         assert frame is not None
         assert parse(frame)[0] in {"thinking", "tool_call", "tool_result", "token", "done"}
 
-        children = _children(proc.pid)
+        children = children_of(proc.pid)
         assert children, "the demo runs an embedded nats-server"
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
@@ -629,7 +606,7 @@ async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: P
             assert await proc.wait() == 0
         assert b"retry: 1000" in rest
         await response.aclose()
-        await wait_until(lambda: not any(_running(c) for c in children))
+        await wait_until(lambda: not any(is_running(c) for c in children))
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -6,24 +6,11 @@ import json
 
 import trio
 
-from tests.conftest import Service, chunk, wait_until, watch_path
-from tests.sseclient import Response, request
+from tests.conftest import Service, chunk, wait_until
+from tests.streams import parse, watch
 
-
-async def watch(svc: Service, conversation_id: str, token: str) -> Response:
-    response = await request(svc.port, watch_path(conversation_id), token=token)
-    assert response.status == 200
-    assert await response.next_frame() == b":ok"
-    return response
-
-
-def parse(frame: bytes) -> tuple[str, object]:
-    if frame.startswith(b"id: "):  # history on: one id line, then the data line
-        frame = frame.split(b"\n", 1)[1]
-    assert frame.startswith(b"data: ")
-    assert b"\n" not in frame
-    obj = json.loads(frame[6:])
-    return obj["event"], obj["data"]
+# `parse` and `watch` lived here once; tests elsewhere may still import them from here.
+__all__ = ["parse", "watch"]
 
 
 async def test_interleaved_chunks_and_messages_arrive_in_publish_order(svc: Service) -> None:
@@ -74,7 +61,7 @@ async def test_many_watchers_share_one_subscription_and_all_receive(svc: Service
     (seed,) = await svc.seed()
     cid = seed.conversation_id
     watchers = [await watch(svc, cid, seed.token) for _ in range(25)]
-    assert svc.nats.chat_subscriptions() == [f"chat.*.{cid}"]
+    assert await svc.nats.chat_subscriptions_async() == [f"chat.*.{cid}"]
     pub = await svc.publisher()
     await pub.publish(f"chat.chunk.{cid}", chunk("thinking", text="hmm"))
     for w in watchers:

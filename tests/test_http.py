@@ -13,7 +13,7 @@ from tests.conftest import Service, chunk, start_service, watch_path
 from tests.natsproc import NatsProcess
 from tests.polling import poll_until
 from tests.sseclient import Response, get, request
-from tests.test_delivery import parse, watch
+from tests.streams import parse, watch
 
 
 async def test_healthz_and_readyz(svc: Service) -> None:
@@ -75,11 +75,13 @@ async def test_http_10_client_gets_the_stream_until_close(svc: Service) -> None:
 
 
 async def test_pipelined_requests_are_answered_in_order(svc: Service) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", svc.port)
     req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    await stream.send_all(req + req + b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     data = b""
-    with trio.fail_after(5):
+    with trio.fail_after(15):
+        stream = await trio.open_tcp_stream("127.0.0.1", svc.port)
+        await stream.send_all(
+            req + req + b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         while chunk_ := await stream.receive_some(65536):
             data += chunk_
     assert data.count(b"HTTP/1.1 200") == 2

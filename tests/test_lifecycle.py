@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import resource
 import signal
-import time
 from pathlib import Path
 
 import trio
@@ -16,35 +15,41 @@ from tests.conftest import (
     chunk,
     start_service,
     wait_until,
-    wait_until_async,
     watch_path,
 )
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
 from tests.served import served
-from tests.sseclient import Response, request
-from tests.test_delivery import parse, watch
+from tests.sseclient import Response, get, request
+from tests.streams import parse, watch, watch_port
+
+# Far longer than any test runs: a stream that ends was ended by its client's
+# disconnect, not noticed on a keepalive write ("with no message needed to notice").
+NO_KEEPALIVE = 3600.0
+# "Promptly": milliseconds when idle (NOTES.md); generous for a loaded machine.
+PROMPTLY = 10.0
 
 
-async def test_abrupt_close_of_50_idle_watchers_removes_subscriptions_within_1s(
-    svc: Service,
+async def test_abrupt_close_of_50_idle_watchers_removes_subscriptions_without_a_write(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
 ) -> None:
+    svc = await start_service(nursery, nats, tmp_path, keepalive=NO_KEEPALIVE)
     seeds = await svc.seed(conversations=50)
     watchers = [await watch(svc, s.conversation_id, s.token) for s in seeds]
-    assert len(svc.nats.chat_subscriptions()) == 50
-    start = time.monotonic()
+    assert len(await svc.nats.chat_subscriptions_async()) == 50
     for i, w in enumerate(watchers):
         if i % 2:
             w.abort()  # RST
         else:
             await w.aclose()  # FIN
-    await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=1.0)
-    assert time.monotonic() - start < 1.0
+    await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=PROMPTLY)
+    await svc.store.aclose()
 
 
-async def test_abrupt_close_under_a_flood_removes_subscriptions_within_1s(
-    svc: Service,
+async def test_abrupt_close_under_a_flood_removes_subscriptions(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
 ) -> None:
+    svc = await start_service(nursery, nats, tmp_path, keepalive=NO_KEEPALIVE)
     seeds = await svc.seed(conversations=50)
     watchers = [await watch(svc, s.conversation_id, s.token) for s in seeds]
     pub = await svc.publisher()
@@ -57,14 +62,15 @@ async def test_abrupt_close_under_a_flood_removes_subscriptions_within_1s(
             flooding.set()
             await trio.lowlevel.checkpoint()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(flood)
+    async with trio.open_nursery() as flooder:
+        flooder.start_soon(flood)
         await flooding.wait()
         for w in watchers:
             w.abort()
-        await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=1.0)
-        nursery.cancel_scope.cancel()
+        await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=PROMPTLY)
+        flooder.cancel_scope.cancel()
     await pub.aclose()
+    await svc.store.aclose()
 
 
 async def test_disconnects_while_subscribing_never_stop_delivery(svc: Service) -> None:
@@ -84,7 +90,7 @@ async def test_disconnects_while_subscribing_never_stop_delivery(svc: Service) -
         frames = await w.frames_until(count=20)
     assert [parse(f)[1]["seq"] for f in frames] == list(range(20))  # type: ignore[index]
     w.abort()
-    await wait_until(lambda: svc.nats.chat_subscriptions() == [], limit=5.0)
+    await wait_until(lambda: svc.nats.chat_subscriptions() == [])
     await pub.aclose()
 
 
@@ -99,7 +105,7 @@ async def test_nats_restart_mid_stream_keeps_the_stream_and_resumes(svc: Service
     assert parse(frame) == ("error", "NATS connection lost")
     await trio.to_thread.run_sync(svc.nats.start)
     # Streams stay open; once the service resubscribed, events flow again.
-    await wait_until_async(lambda: svc.nats.chat_subscriptions() == [f"chat.*.{cid}"], limit=10)
+    await wait_until(lambda: svc.nats.chat_subscriptions() == [f"chat.*.{cid}"])
     status, _, _ = await _get_ready(svc)
     assert status == 200
     pub = await RawNats.connect(svc.nats.client_port)
@@ -115,8 +121,6 @@ async def test_nats_restart_mid_stream_keeps_the_stream_and_resumes(svc: Service
 
 
 async def _get_ready(svc: Service) -> tuple[int, dict[str, str], bytes]:
-    from tests.sseclient import get
-
     return await get(svc.port, "/readyz")
 
 
@@ -168,30 +172,30 @@ async def test_idle_stream_gets_keepalives(
     await svc.store.aclose()
 
 
+# A grace period no test waits for: a shutdown that finishes well within it ended its
+# streams itself instead of leaving them to hypercorn's grace timeout.
+LONG_GRACE = "120"
+# Generous for a loaded machine, and still far below LONG_GRACE.
+SHUTDOWN_LIMIT = 30
+
+
 async def test_sigterm_with_open_streams_ends_them_and_exits_0(
     nats: NatsProcess, tmp_path: Path
 ) -> None:
-    async with served(nats, tmp_path, conversations=5, db_in_env=True) as srv:
+    async with served(
+        nats, tmp_path, "--shutdown-grace", LONG_GRACE, conversations=5, db_in_env=True
+    ) as srv:
         streams = [await watch_port(srv.port, c, srv.token) for c in srv.cids]
-        start = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        for s in streams:
-            with trio.fail_after(5):
-                rest = await s.read_body()
-            assert rest.startswith(b"retry: 1000\n")
-        with trio.fail_after(5):
+        with trio.fail_after(SHUTDOWN_LIMIT):
+            for s in streams:
+                rest = await s.read_body(limit=SHUTDOWN_LIMIT)
+                assert rest.startswith(b"retry: 1000\n")
+                await s.aclose()
             code = await srv.proc.wait()
-        elapsed = time.monotonic() - start
         assert code == 0
-        assert elapsed < 2.0, elapsed
         assert srv.log is not None
         assert b"Traceback" not in srv.log.read_bytes()
-
-
-async def watch_port(port: int, cid: str, token: str) -> Response:
-    response = await request(port, watch_path(cid), token=token)
-    assert await response.next_frame() == b":ok"
-    return response
 
 
 async def test_unknown_subject_kinds_are_ignored(svc: Service) -> None:
@@ -206,13 +210,19 @@ async def test_unknown_subject_kinds_are_ignored(svc: Service) -> None:
     await pub.aclose()
 
 
-async def test_sigterm_with_2000_open_streams_exits_0_within_2s(
+async def test_sigterm_with_2000_open_streams_ends_each_one_and_exits_0(
     nats: NatsProcess, tmp_path: Path
 ) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     async with served(
-        nats, tmp_path, "--max-watchers-per-session", "5000", conversations=400
+        nats,
+        tmp_path,
+        "--max-watchers-per-session",
+        "5000",
+        "--shutdown-grace",
+        LONG_GRACE,
+        conversations=400,
     ) as srv:
         streams: list[Response] = []
         limiter = trio.CapacityLimiter(200)
@@ -228,18 +238,15 @@ async def test_sigterm_with_2000_open_streams_exits_0_within_2s(
 
         async def drain(s: Response) -> None:
             nonlocal ended
-            if (await s.read_body()).startswith(b"retry: 1000\n"):
+            if (await s.read_body(limit=SHUTDOWN_LIMIT)).startswith(b"retry: 1000\n"):
                 ended += 1
 
-        start = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
+        with trio.fail_after(SHUTDOWN_LIMIT):
             async with trio.open_nursery() as nursery:
                 for s in streams:
                     nursery.start_soon(drain, s)
             code = await srv.proc.wait()
-        elapsed = time.monotonic() - start
         assert (code, ended) == (0, 2000)
-        assert elapsed < 2.0, elapsed
         for s in streams:
             await s.aclose()

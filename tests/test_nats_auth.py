@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,27 +13,50 @@ import trio
 
 from app.embedded import nats_server_binary
 from tests.polling import wait_until
-from tests.served import free_port
 
 
-def write_conf(path: Path, port: int, password: str) -> None:
+def write_conf(path: Path, password: str) -> None:
     path.write_text(
-        f"listen: 127.0.0.1:{port}\n"
         f'authorization {{ users = [ {{ user: "chatwatch", password: "{password}" }} ] }}\n'
     )
 
 
+def reported_port(ports_dir: Path) -> int | None:
+    """The client port nats-server wrote to its ports file, once it has."""
+    for ports_file in ports_dir.glob("*.ports"):
+        try:
+            return int(json.loads(ports_file.read_text())["nats"][0].rsplit(":", 1)[1])
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return None  # still being written
+    return None
+
+
 async def test_revoked_credentials_make_the_process_exit_non_zero(tmp_path: Path) -> None:
-    port = free_port()
     conf = tmp_path / "nats.conf"
-    write_conf(conf, port, "s3cret")
+    write_conf(conf, "s3cret")
+    ports_dir = tmp_path / "ports"
+    ports_dir.mkdir()
+    # Port -1: the server picks a free port itself and reports it (no free-port race).
+    # Command-line flags win over the file, also on reload.
     server = await trio.lowlevel.open_process(
-        [nats_server_binary(), "-c", str(conf)],
+        [
+            nats_server_binary(),
+            "-c",
+            str(conf),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "-1",
+            "--ports_file_dir",
+            str(ports_dir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     log = tmp_path / "service.log"
     try:
+        await wait_until(lambda: reported_port(ports_dir) is not None, limit=10)
+        port = reported_port(ports_dir)
         with log.open("wb") as err:
             proc = await trio.lowlevel.open_process(
                 [
@@ -41,7 +65,7 @@ async def test_revoked_credentials_make_the_process_exit_non_zero(tmp_path: Path
                     "app",
                     "serve",
                     "--bind",
-                    f"127.0.0.1:{free_port()}",
+                    "127.0.0.1:0",  # never connected to
                     "--nats-url",
                     f"nats://chatwatch:s3cret@127.0.0.1:{port}",
                     "--database-url",
@@ -52,7 +76,7 @@ async def test_revoked_credentials_make_the_process_exit_non_zero(tmp_path: Path
             )
             try:
                 await wait_until(lambda: b"NATS connected" in log.read_bytes(), limit=15)
-                write_conf(conf, port, "changed")
+                write_conf(conf, "changed")
                 server.send_signal(signal.SIGHUP)  # reload: our user is gone
                 with trio.fail_after(20):
                     code = await proc.wait()

@@ -17,26 +17,14 @@ from app.listen import make_listener
 from tests.conftest import watch_path
 from tests.natsproc import NatsProcess
 from tests.polling import poll_until, wait_until
+from tests.procfs import children_of, rss_kib
 from tests.rawnats import RawNats
 from tests.served import served
-from tests.sseclient import Response, get, request
-from tests.test_delivery import parse
+from tests.sseclient import Response, request
+from tests.streams import has_metric, metrics, parse
 
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-async def metrics(port: int, host: str = "127.0.0.1") -> str:
-    return (await get(port, "/metrics", host=host))[2].decode()
-
-
-async def has_metric(port: int, line: str, host: str = "127.0.0.1") -> bool:
-    """Whether the service's /metrics shows `line` (e.g. "chatwatch_watchers 0.0")."""
-    return line in (await metrics(port, host)).splitlines()
+# `has_metric` lived here once; tests elsewhere may still import it from here.
+__all__ = ["has_metric"]
 
 
 async def test_a_peer_that_stops_acknowledging_is_dropped_after_the_write_timeout(
@@ -121,20 +109,6 @@ def test_workers_children_are_real_processes(tmp_path: Path) -> None:
     assert "--workers" in out
 
 
-def children_of(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc: trio forks from worker threads, so
-    /proc/PID/task/PID/children would miss them)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return sorted(kids)
-
-
 async def test_a_dead_worker_stops_the_others_and_the_supervisor_fails(
     nats: NatsProcess, tmp_path: Path
 ) -> None:
@@ -169,7 +143,7 @@ async def test_stalled_reader_during_a_full_speed_flood_over_100_conversations(
             r = await request(srv.port, watch_path(cid), token=srv.token)
             assert await r.next_frame() == b":ok"
             readers.append(r)
-        base = rss_kb(srv.proc.pid)
+        base = rss_kib(srv.proc.pid)
         peak = base
         pub = await RawNats.connect(nats.client_port)
         pad = "f" * 900
@@ -200,7 +174,7 @@ async def test_stalled_reader_during_a_full_speed_flood_over_100_conversations(
                         ]
                     )
                     if i % 50 == 0:
-                        peak = max(peak, rss_kb(srv.proc.pid))
+                        peak = max(peak, rss_kib(srv.proc.pid))
                 await pub.flush()
                 # Every healthy reader got its conversation's events: the service
                 # counted them out and none of them was cut off.
@@ -208,7 +182,7 @@ async def test_stalled_reader_during_a_full_speed_flood_over_100_conversations(
                     lambda: has_metric(srv.port, "chatwatch_slow_consumers_total 1.0"),
                     limit=120,
                 )
-            peak = max(peak, rss_kb(srv.proc.pid))
+            peak = max(peak, rss_kib(srv.proc.pid))
             done.set()
             nursery.cancel_scope.cancel()
         text = await metrics(srv.port)
@@ -240,7 +214,7 @@ async def test_second_signal_exits_at_once_while_a_stalled_write_holds_shutdown(
             await srv.proc.wait()
         assert srv.proc.returncode is None  # the first shutdown is stuck on that write
         srv.proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(3):
+        with trio.fail_after(15):  # at once, but the machine may be loaded
             code = await srv.proc.wait()
         assert code == 1
         assert srv.log is not None

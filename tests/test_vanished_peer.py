@@ -22,7 +22,7 @@ from tests.conftest import watch_path
 from tests.natsproc import NatsProcess
 from tests.polling import poll_until, wait_until
 from tests.served import served
-from tests.test_resilience import has_metric
+from tests.streams import has_metric
 
 CLIENT = """
 import socket, sys
@@ -93,15 +93,17 @@ async def test_vanished_client_is_gone_within_keepalive_plus_write_timeout(
             assert client.stdout is not None
             with trio.fail_after(10):
                 assert (await client.stdout.receive_some(16)).startswith(b"OK")
-            assert nats.chat_subscriptions() == [f"chat.*.{srv.cids[0]}"]
+            assert await nats.chat_subscriptions_async() == [f"chat.*.{srv.cids[0]}"]
             # The client's link goes down: no FIN, no RST, nothing ever again.
             await trio.to_thread.run_sync(
                 ip, "netns", "exec", ns, "ip", "link", "set", inside, "down"
             )
-            await poll_until(  # keepalive + write timeout + slack
-                lambda: has_metric(srv.port, "chatwatch_watchers 0.0", host), limit=0.5 + 2 + 4
+            # keepalive + write timeout + slack for a loaded machine, still well below the
+            # 30 s before TCP keepalive would notice (so this is the service's doing).
+            await poll_until(
+                lambda: has_metric(srv.port, "chatwatch_watchers 0.0", host), limit=0.5 + 2 + 15
             )
-            await wait_until(lambda: nats.chat_subscriptions() == [], limit=5)
+            await wait_until(lambda: nats.chat_subscriptions() == [])
         finally:
             client.kill()
             await client.wait()

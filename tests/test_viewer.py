@@ -21,7 +21,7 @@ from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
 from app.http import Demo
 from app.store import SQLiteStore
-from tests.conftest import Service, chunk, start_service, wait_until_async
+from tests.conftest import Service, chunk, start_service, wait_until
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
 
@@ -97,7 +97,7 @@ async def publish_when_subscribed(
 ) -> None:
     """Wait until the page's stream is subscribed on the NATS server, then publish."""
     with trio.fail_after(10):
-        await wait_until_async(lambda: nats.chat_subscriptions() == [f"chat.*.{conversation_id}"])
+        await wait_until(lambda: nats.chat_subscriptions() == [f"chat.*.{conversation_id}"])
         pub = await RawNats.connect(nats.client_port)
         try:
             await pub.publish_many(items)
@@ -180,7 +180,7 @@ async def test_viewer_without_a_session_says_so(svc: Service) -> None:
         expect(page.locator("#status")).to_have_class("error")
 
     assert await browse(script) == []
-    assert svc.nats.chat_subscriptions() == []
+    assert await svc.nats.chat_subscriptions_async() == []
 
 
 async def test_viewer_with_an_unknown_conversation_says_not_found(svc: Service) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from app import sse
 from app.events import parse_event
 from tests.conftest import Service
-from tests.test_delivery import watch
+from tests.streams import watch
 
 MAX = 1024 * 1024
 

@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,8 @@ import trio  # ruff: ignore[module-import-not-at-top-of-file]
 from app.store import SQLiteStore  # ruff: ignore[module-import-not-at-top-of-file]
 from tests import sseclient  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.natsproc import NatsProcess  # ruff: ignore[module-import-not-at-top-of-file]
+from tests.ports import free_port  # ruff: ignore[module-import-not-at-top-of-file]
+from tests.procfs import rss_kib  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.rawnats import RawNats  # ruff: ignore[module-import-not-at-top-of-file]
 
 WATCHED_CONVERSATIONS = 50
@@ -558,21 +559,8 @@ async def churn(
 # -- the service process ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    for text in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if text.startswith("VmRSS:"):
-            return int(text.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 async def metrics(port: int) -> dict[str, float]:
