@@ -47,7 +47,6 @@ from tests.bench.loadgen import SCENARIOS, with_overrides  # ruff: ignore[module
 PEERS = {
     "asyncio": f"{shlex.quote(sys.executable)} {{bench}}/peers/asyncio_peer.py"
     " {port} {nats_url} {auth_file}",
-    "node": "node {bench}/peers/node_peer.mjs {port} {nats_url} {auth_file}",
 }
 # nats-server's own limits would cut a per-watcher-subscription peer off within a second
 # of broadcast; the runs measure throughput with them raised (docs/findings.md), and
