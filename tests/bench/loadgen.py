@@ -102,6 +102,8 @@ class BodyDecoder:
     def feed(self, data: bytes) -> bytes:
         if not self._chunked:
             return data
+        if self.done:  # the last chunk's trailer
+            return b""
         self._buf += data
         out: list[bytes] = []
         buf = self._buf
