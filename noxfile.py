@@ -39,55 +39,47 @@ def format_(session: nox.Session) -> None:
 
 
 BENCH_SCENARIOS = "broadcast,paced,many,idle,churn"
-BENCH_PEERS = "asyncio,node"
 # run.py --suffix for the broadcast run against nats-server's default limits; report.py
 # knows that result as the scenario "broadcast-natsdefaults".
 BENCH_DEFAULTS_SUFFIX = "-natsdefaults"
+# The asyncio peer's stack, installed only into the bench session's venv.
+BENCH_PEER_DEPS = ("starlette", "sse-starlette", "uvicorn[standard]")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """chatwatch vs the harness's peers (../shared/bench), one table in bench-results/.
+    """chatwatch vs the asyncio peer, with the project's own harness (tests/bench/).
 
-    `nox -s bench -- --scenarios broadcast --repeat 2 [--peers node] [run.py options]`.
-    The harness is found at ../shared/bench (env CHATWATCH_BENCH_DIR), its venv and
-    node_modules in BENCH_HOME (default ~/.cache/chatwatch-bench, as setup.sh).
+    `nox -s bench -- --scenarios broadcast --repeat 2 [--set watchers=100] [run.py options]`
+    prints one table with ratios and writes bench-results/ (summary.md, JSON, logs).
+    `nox -s bench -- --harness shared` runs the independent cross-check harness instead
+    (../shared/bench, or CHATWATCH_BENCH_DIR), where there is one.
     """
     # Imported here so that this session stays an addition to the file.
     import argparse
-    import os
     import shlex
     from pathlib import Path
 
     import nox.command
 
     root = Path(__file__).resolve().parent
-    bench_dir = Path(
-        os.environ.get("CHATWATCH_BENCH_DIR", root.parent / "shared" / "bench")
-    ).resolve()
-    bench_home = Path(
-        os.environ.get("BENCH_HOME", Path.home() / ".cache" / "chatwatch-bench")
-    ).resolve()
     out = root / "bench-results"
-
     ap = argparse.ArgumentParser(prog="nox -s bench --")
     ap.add_argument("--scenarios", default=BENCH_SCENARIOS)
     ap.add_argument("--repeat", default="1")
-    ap.add_argument("--peers", default=BENCH_PEERS)
+    ap.add_argument("--peers", default=None, help="default: asyncio (own), asyncio,node (shared)")
+    ap.add_argument("--harness", choices=["own", "shared"], default="own")
     opts, run_py_args = ap.parse_known_args(session.posargs)
     scenarios = [s for s in opts.scenarios.split(",") if s]
-    peers = [p for p in opts.peers.split(",") if p]
-
-    session.install("-e", ".")
-    env = {"BENCH_HOME": str(bench_home), "BENCH_OUT": str(out)}
-    session.run(str(bench_dir / "setup.sh"), env=env, external=True)
+    peers = [
+        p
+        for p in (opts.peers or ("asyncio" if opts.harness == "own" else "asyncio,node")).split(",")
+        if p
+    ]
     out.mkdir(exist_ok=True)
 
-    # The harness runs the command with `bash -c "exec ..."`. nox puts this session's
-    # bin directory first on PATH, so the adapter's `#!/usr/bin/env python3` is the
-    # venv's python, where chatwatch is installed. The harness gives every watcher of a
-    # conversation the same token (1000 per session in broadcast), hence the raised
-    # per-session limit (default 100, 429 beyond).
+    # The harness gives every watcher of a conversation the same token (1000 per session
+    # in broadcast), hence the raised per-session limit (default 100, 429 beyond).
     adapter = root / "tests" / "bench" / "serve-from-auth-file"
     server_cmd = (
         f"{shlex.quote(str(adapter))} {{port}} {{nats_url}} {{auth_file}}"
@@ -97,7 +89,12 @@ def bench(session: nox.Session) -> None:
         ("chatwatch", ["--name", "chatwatch", "--server-cmd", server_cmd]),
         *((p, ["--peer", p]) for p in peers),
     ]
-    harness = [str(bench_home / ".venv" / "bin" / "python"), str(bench_dir / "run.py")]
+    if opts.harness == "own":
+        session.install("-e", ".", *BENCH_PEER_DEPS)
+        harness = ["python", str(root / "tests" / "bench" / "run.py"), "--out", str(out)]
+        env: dict[str, str] = {}
+    else:
+        harness, env = _shared_harness(session, out)
     common = ["--repeat", opts.repeat, *run_py_args]
     failed: list[str] = []
 
@@ -113,6 +110,7 @@ def bench(session: nox.Session) -> None:
     report_scenarios = list(scenarios)
     if "broadcast" in scenarios:
         report_scenarios.append("broadcast" + BENCH_DEFAULTS_SUFFIX)
+        shared_only = ["--no-conformance"] if opts.harness == "shared" else []
         for name, target in targets:
             run_py(
                 f"{name} (nats default limits)",
@@ -121,7 +119,7 @@ def bench(session: nox.Session) -> None:
                 "broadcast",
                 "--nats-default-limits",
                 f"--suffix={BENCH_DEFAULTS_SUFFIX}",
-                "--no-conformance",
+                *shared_only,
             )
 
     session.run(
@@ -140,6 +138,29 @@ def bench(session: nox.Session) -> None:
     )
     if failed:
         session.error(f"harness runs failed: {', '.join(failed)}")
+
+
+def _shared_harness(session: nox.Session, out: object) -> tuple[list[str], dict[str, str]]:
+    """The independent harness (a Node load generator and its own peers), set up by its
+    setup.sh into BENCH_HOME (default ~/.cache/chatwatch-bench)."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    bench_dir = Path(
+        os.environ.get("CHATWATCH_BENCH_DIR", root.parent / "shared" / "bench")
+    ).resolve()
+    if not (bench_dir / "run.py").is_file():
+        session.error(f"--harness shared: no harness at {bench_dir} (set CHATWATCH_BENCH_DIR)")
+    bench_home = Path(
+        os.environ.get("BENCH_HOME", Path.home() / ".cache" / "chatwatch-bench")
+    ).resolve()
+    session.install("-e", ".")
+    env = {"BENCH_HOME": str(bench_home), "BENCH_OUT": str(out)}
+    session.run(str(bench_dir / "setup.sh"), env=env, external=True)
+    # The harness runs the server command with `bash -c "exec ..."`; nox puts this
+    # session's bin first on PATH, so serve-from-auth-file's python3 has chatwatch.
+    return [str(bench_home / ".venv" / "bin" / "python"), str(bench_dir / "run.py")], env
 
 
 @nox.session

@@ -3,7 +3,7 @@
 nats-py is asyncio; it runs on trio-asyncio's loop, opened by `open_bus` and owned by
 whoever holds the context manager. Messages cross into trio through nats-py callbacks
 that only do synchronous work (the handler given to `Bus.subscription`), never by
-iterating a subscription through the bridge (about ten times slower, NOTES.md).
+iterating a subscription through the bridge (about ten times slower, docs/findings.md).
 
 nats-py 2.16 has a bug that silently stops all delivery when a pending ``flush()``
 future is cancelled. This module never cancels one: confirmation that a SUB is live

@@ -4,8 +4,9 @@
         [--peers asyncio,node] [--scenarios broadcast,...,broadcast-natsdefaults]
         [--out bench-results/summary.md]
 
-The benchmark harness (../shared/bench/run.py) writes one file per target and scenario,
-``<results>/<name>-<scenario><suffix>.json``: ``{"runs": [<loadgen result>, ...], ...}``.
+The benchmark driver (tests/bench/run.py, or the independent cross-check harness)
+writes one file per target and scenario, ``<results>/<name>-<scenario><suffix>.json``:
+``{"runs": [<loadgen result>, ...], ...}``.
 A run is left out when it has an ``error`` (the loadgen failed); of the rest, the runs
 not marked ``disturbed`` are used (all of them if every run was disturbed), as the
 harness does. Figures are medians over those runs; missing / duplicate / out-of-order
