@@ -70,7 +70,7 @@ async def open_watch(
 
 
 async def frames(response: Response, count: int) -> list[bytes]:
-    out = []
+    out: list[bytes] = []
     with trio.fail_after(DEADLINE):
         while len(out) < count:
             frame = await response.next_frame()

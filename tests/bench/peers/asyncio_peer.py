@@ -64,8 +64,9 @@ def make_app(nats_url: str, auth: dict[str, Any]) -> Starlette:
     def token_of(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            return header[7:].strip()
-        return request.cookies.get("chatwatch_session")
+            return str(header[7:].strip())
+        cookie = request.cookies.get("chatwatch_session")
+        return None if cookie is None else str(cookie)
 
     async def watch(request: Request) -> Response:
         entry = auth.get(token_of(request) or "")
