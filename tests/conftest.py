@@ -95,9 +95,9 @@ async def start_service(
     # History off unless a test asks: most tests pin the core-NATS stream (no ids, no
     # replay); tests/test_resume.py turns it on.
     overrides.setdefault("history", "off")
+    overrides.setdefault("nats_urls", (nats.url,))
     settings = Settings(
         bind="127.0.0.1:0",
-        nats_urls=(nats.url,),
         database_url=f"sqlite:///{db_path}",
         shutdown_grace=1.0,
         **overrides,  # type: ignore[arg-type]

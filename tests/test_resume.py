@@ -17,8 +17,10 @@ import trio
 
 from tests.conftest import Service, chunk, start_service, wait_until_async, watch_path
 from tests.natsproc import NatsProcess
+from tests.polling import poll_until
 from tests.rawnats import RawNats
 from tests.sseclient import Response, request
+from tests.tcpproxy import TcpProxy
 
 DEADLINE = 10.0
 ID_LINE = re.compile(rb"id: ([0-9a-z]+-[0-9]+)\n")
@@ -469,3 +471,53 @@ async def test_reconnect_storm_receives_every_event_once_in_order(hsvc: Service)
     await pub.aclose()
     assert hangups >= 20
     assert received == list(range(total))
+
+
+async def test_events_stored_while_the_nats_link_was_down_are_delivered_in_order(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
+) -> None:
+    """The live path misses what is published while chatwatch's NATS connection is
+    down (core NATS): the stream has it, and the open stream gets it, in order, on the
+    same HTTP connection, before later events."""
+    proxy = TcpProxy(nats.client_port)
+    await nursery.start(proxy.serve)
+    svc = await start_service(
+        nursery, nats, tmp_path, history="on", nats_urls=(f"nats://127.0.0.1:{proxy.port}",)
+    )
+    (seed,) = await svc.seed()
+    cid = seed.conversation_id
+    response = await open_watch(svc, cid, seed.token, query="?live_only=1")
+    pub = await RawNats.connect(nats.client_port)
+    await publish_numbered(pub, cid, range(5))
+    got = await frames(response, 5)
+    assert numbers(got) == list(range(5))
+
+    proxy.cut()
+    lost = await frames(response, 1)
+    assert split(lost[0])[1:] == ("error", "NATS connection lost")
+    before = await stream_last_seq(nats)
+    await publish_numbered(pub, cid, range(5, 10))  # stored; chatwatch cannot see them
+    await poll_until(lambda: _stored_at_least(nats, before + 5), 10)
+    proxy.restore()
+    await publish_numbered(pub, cid, range(10, 15))
+    rest = await frames(response, 10)
+    assert numbers(rest) == list(range(5, 15))
+    with trio.fail_after(DEADLINE):
+        text = (await _get(svc, "/metrics"))[2].decode()
+    assert re.search(r"^chatwatch_gaps_filled_total [1-9]", text, re.M), text
+    await response.aclose()
+    await pub.aclose()
+    svc.shutdown.set()
+
+
+async def stream_last_seq(nats: NatsProcess) -> int:
+    jsz = await nats.monitor_async("/jsz?streams=true")
+    for account in jsz.get("account_details") or []:
+        for stream in account.get("stream_detail") or []:
+            if stream["name"] == "CHAT":
+                return int(stream["state"]["last_seq"])
+    return 0
+
+
+async def _stored_at_least(nats: NatsProcess, seq: int) -> bool:
+    return await stream_last_seq(nats) >= seq
