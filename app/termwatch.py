@@ -13,6 +13,7 @@ import sys
 from typing import TextIO
 
 import httpx
+import trio
 
 # ESC sequences as terminals parse them: CSI (colours, cursor), OSC/DCS/PM/APC/SOS
 # strings (window title, clipboard) up to BEL or ST, and two-byte escapes. Removed
@@ -71,24 +72,65 @@ def render(line: str, out: TextIO) -> None:
     out.flush()
 
 
+# How long the viewer keeps trying to come back after a dropped connection (a deploy,
+# a network blip) before it gives up.
+_GIVE_UP_AFTER = 60.0
+
+
 async def watch(url: str, conversation_id: str, token: str, out: TextIO = sys.stdout) -> int:
-    """Stream until the server ends it; return a process exit code."""
+    """Stream until the server ends it; return a process exit code.
+
+    A connection that breaks, or a stream the server ends with ``retry:`` (its
+    shutdown), is resumed by itself with ``Last-Event-ID``: with history on the server
+    replays what was missed, so the text goes on where it stopped.
+    """
     target = f"{url.rstrip('/')}/api/ai/conversations/{conversation_id}/watch"
-    headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
-    try:
-        async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
-            client.stream("GET", target, headers=headers) as response,
-        ):
-            if response.status_code != 200:
-                body = (await response.aread()).decode("utf-8", "replace")
-                print(f"HTTP {response.status_code}: {printable(body)}", file=sys.stderr)
+    last_id: str | None = None
+    retry = 1.0
+    trying_since: float | None = None
+    connected_once = False
+    while True:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        asked_to_retry = False
+        try:
+            async with (
+                httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
+                client.stream("GET", target, headers=headers) as response,
+            ):
+                if response.status_code != 200:
+                    body = (await response.aread()).decode("utf-8", "replace")
+                    print(f"HTTP {response.status_code}: {printable(body)}", file=sys.stderr)
+                    return 1
+                trying_since = None
+                connected_once = True
+                async for line in response.aiter_lines():
+                    if line.startswith("id:"):
+                        last_id = line[3:].strip() or last_id
+                    elif line.startswith("retry:"):
+                        asked_to_retry = True
+                        digits = line[6:].strip()
+                        retry = int(digits) / 1000 if digits.isdigit() else retry
+                    else:
+                        render(line, out)
+        except httpx.TransportError as exc:
+            # Server not reachable, or the connection broke mid-stream: a message, not a
+            # traceback; then try again for a while (the server may be restarting).
+            if not connected_once:
+                print(f"chatwatch: {target}: {exc}", file=sys.stderr)
                 return 1
-            async for line in response.aiter_lines():
-                render(line, out)
-    except httpx.TransportError as exc:
-        # Server not reachable, or the connection broke mid-stream: a message, not a
-        # traceback.
-        print(f"chatwatch: {target}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            now = trio.current_time()
+            if trying_since is None:
+                trying_since = now
+                print(f"chatwatch: {target}: {exc}; reconnecting", file=sys.stderr)
+            elif now - trying_since > _GIVE_UP_AFTER:
+                print(f"chatwatch: {target}: {exc}; giving up", file=sys.stderr)
+                return 1
+            await trio.sleep(retry)
+            continue
+        if not asked_to_retry:
+            return 0
+        out.write("\n[reconnecting]\n")
+        out.flush()
+        await trio.sleep(retry)

@@ -96,8 +96,8 @@ async def start_service(
     # replay); tests/test_resume.py turns it on.
     overrides.setdefault("history", "off")
     overrides.setdefault("nats_urls", (nats.url,))
+    overrides.setdefault("bind", "127.0.0.1:0")
     settings = Settings(
-        bind="127.0.0.1:0",
         database_url=f"sqlite:///{db_path}",
         shutdown_grace=1.0,
         **overrides,  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ import trio
 
 from app.cli import build_parser, main, parse_args, settings_from
 from app.store import DEFAULT_SESSION_TTL, Access, Grant, SQLiteStore
-from tests.conftest import Service, chunk, wait_until, watch_path
+from tests.conftest import Service, chunk, start_service, wait_until, watch_path
 from tests.natsproc import NatsProcess
 from tests.ports import closed_port
 from tests.procfs import children_of, is_running
@@ -493,23 +493,41 @@ async def test_watch_prints_the_stream_as_it_arrives(svc: Service, tmp_path: Pat
     await wait_until(lambda: svc.nats.chat_subscriptions() == [])
 
 
-async def test_watch_exits_0_when_the_service_shuts_down(svc: Service) -> None:
+async def test_watch_resumes_by_itself_across_a_service_restart(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
+) -> None:
+    """The server's shutdown says `retry:`; the viewer comes back with Last-Event-ID and
+    shows what was published while the service was down (history on)."""
+    svc = await start_service(nursery, nats, tmp_path, history="on")
     (seed,) = await svc.seed()
+    cid = seed.conversation_id
     proc = await trio.lowlevel.open_process(
-        chatwatch("watch", seed.conversation_id, "--url", svc.url),
+        chatwatch("watch", cid, "--url", svc.url),
         stdout=subprocess.PIPE,
         cwd=REPO,
         env=subprocess_env() | {"CHATWATCH_TOKEN": seed.token},
     )
+    pub = await svc.publisher()
     try:
         assert proc.stdout is not None
         out = Lines(proc.stdout)
         with trio.fail_after(30):
             await out.until(lambda t: t == "[live]\n")
+        await pub.publish(f"chat.chunk.{cid}", chunk("thinking", text="before-restart"))
+        await pub.flush()
+        with trio.fail_after(10):
+            await out.until(lambda t: "before-restart" in t)
         svc.shutdown.set()
         with trio.fail_after(10):
-            assert await proc.wait() == 0
+            await out.until(lambda t: "[reconnecting]" in t)
+        await pub.publish(f"chat.chunk.{cid}", chunk("thinking", text="while-down"))
+        await pub.flush()
+        await start_service(nursery, nats, tmp_path, history="on", bind=f"127.0.0.1:{svc.port}")
+        with trio.fail_after(30):
+            seen = await out.until(lambda t: "while-down" in t)
+        assert seen.count("before-restart") == 1  # resumed: nothing shown twice
     finally:
+        await pub.aclose()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
