@@ -94,7 +94,7 @@ async def hub(bus: FakeBus, stream: FakeStream) -> AsyncIterator[Hub]:
 
 
 def seqs(w: Watcher) -> list[int]:
-    out = []
+    out: list[int] = []
     while True:
         try:
             frame = w.recv.receive_nowait()
