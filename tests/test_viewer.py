@@ -24,6 +24,7 @@ from app.store import SQLiteStore
 from tests.conftest import Service, chunk, start_service, wait_until
 from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
+from tests.sseclient import request
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -98,6 +99,16 @@ async def publish_when_subscribed(
     """Wait until the page's stream is subscribed on the NATS server, then publish."""
     with trio.fail_after(10):
         await wait_until(lambda: nats.chat_subscriptions() == [f"chat.*.{conversation_id}"])
+        pub = await RawNats.connect(nats.client_port)
+        try:
+            await pub.publish_many(items)
+            await pub.flush()
+        finally:
+            await pub.aclose()
+
+
+async def publish_now(nats: NatsProcess, items: list[tuple[str, bytes]]) -> None:
+    with trio.fail_after(10):
         pub = await RawNats.connect(nats.client_port)
         try:
             await pub.publish_many(items)
@@ -252,3 +263,50 @@ async def test_demo_page_logs_the_browser_in_and_prefills_the_conversation(
 
     assert await browse(script) == []
     await svc.store.aclose()
+
+
+async def test_viewer_joining_mid_answer_shows_the_answer_from_its_start(
+    nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
+) -> None:
+    """History on: a page opened in the middle of an answer shows it from its first
+    token (late join), then the rest live, each part once."""
+    svc = await start_service(nursery, nats, tmp_path, history="on")
+    (seed,) = await svc.seed()
+    cid = seed.conversation_id
+    # A live-only witness proves the first half is stored before the page opens.
+    with trio.fail_after(10):
+        witness = await request(
+            svc.port,
+            f"/api/ai/conversations/{cid}/watch?live_only=1",
+            token=seed.token,
+        )
+        assert await witness.next_frame() == b":ok"
+        pub = await RawNats.connect(nats.client_port)
+        await pub.publish_many(
+            [
+                (f"chat.message.{cid}", json.dumps({"content": "an earlier answer"}).encode()),
+                (f"chat.chunk.{cid}", chunk("token", text="first half")),
+            ]
+        )
+        await pub.flush()
+        for _ in range(2):
+            assert await witness.next_frame() is not None
+        await witness.aclose()
+        await pub.aclose()
+
+    def script(page: Page) -> None:
+        page.goto(f"{svc.url}/?conversation={cid}")
+        expect(page.locator("#log .answer")).to_have_text("first half", timeout=TIMEOUT_MS)
+        # Only the answer in progress: the earlier message is not replayed.
+        expect(page.locator("#log .message")).to_have_count(0)
+        # The page shows the replay, so its subscription is live: publish now.
+        trio.from_thread.run(
+            publish_now, nats, [(f"chat.chunk.{cid}", chunk("token", text=", second half"))]
+        )
+        expect(page.locator("#log .answer")).to_have_text(
+            "first half, second half", timeout=TIMEOUT_MS
+        )
+
+    assert await browse(script, cookie=(svc.url, seed.token)) == []
+    await svc.store.aclose()
+    svc.shutdown.set()
