@@ -7,8 +7,15 @@ COOKIE_NAME = "chatwatch_session"
 
 
 def new_token() -> str:
-    """32 random bytes, URL-safe base64 (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """32 random bytes, URL-safe base64 (43 characters), never starting with ``-``.
+
+    A token is pasted into command lines (``chatwatch sessions revoke TOKEN``), where
+    one starting with ``-`` (1 in 64 of them) would be read as an option.
+    """
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def hash_token(token: str) -> str:

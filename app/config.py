@@ -244,6 +244,10 @@ class Settings:
     )
     # Not an option: the tests' JetStream directory for the embedded nats-server.
     nats_data_dir: str | None = None
+    # Not options: set by the parent of `--workers N` for each worker, so that any
+    # worker's /metrics can answer for all of them (see metrics.py).
+    metrics_dir: str | None = None
+    worker: int = 0
 
     @property
     def host_port(self) -> tuple[str, int]:

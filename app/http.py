@@ -51,6 +51,8 @@ def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Re
 
 def create_app(
     *,
+    metrics_dir: str | None = None,
+    worker: int = 0,
     hub: Hub,
     store: Store,
     is_nats_connected: Any,
@@ -64,7 +66,7 @@ def create_app(
     # No 308 redirects for "//" in a path (a percent-encoded "/" in an id would get
     # one): an id that is not a UUID is a 404, however it is spelled.
     app.url_map.merge_slashes = False
-    registry = metrics.make_registry(hub, is_nats_connected)
+    registry = metrics.make_registry(hub, is_nats_connected, metrics_dir, worker)
     admission = limits.Admission(max_watchers, max_watchers_per_session)
     app.asgi_app = _ReleaseSlots(app.asgi_app)  # type: ignore[method-assign]
     viewer = resources.files("app").joinpath("static/viewer.html").read_text("utf-8")

@@ -36,6 +36,7 @@ from app.history import HistoryConfig, open_history
 from app.http import CloseSafeASGI, Demo, create_app
 from app.hub import Hub, open_hub
 from app.listen import make_listener
+from app.metrics import publish_snapshots
 from app.revocation import end_revoked_sessions
 from app.store import check_database, open_store
 
@@ -173,6 +174,8 @@ async def run(
                 max_watchers=settings.max_watchers,
                 max_watchers_per_session=settings.max_watchers_per_session,
                 demo=demo,
+                metrics_dir=settings.metrics_dir,
+                worker=settings.worker,
             )
 
             async def shutdown_trigger() -> None:
@@ -198,6 +201,14 @@ async def run(
 
             async with trio.open_nursery() as server_nursery:
                 server_nursery.start_soon(collect_garbage)
+                if settings.metrics_dir is not None:
+                    server_nursery.start_soon(
+                        publish_snapshots,
+                        hub,
+                        lambda: bus.connected,
+                        settings.metrics_dir,
+                        settings.worker,
+                    )
                 # Decided at the first connection (it depends on the servers); topics
                 # wait for it before they subscribe.
                 server_nursery.start_soon(_decide_history, bus, hub, settings)

@@ -12,6 +12,7 @@ forwards SIGTERM/SIGINT and exits 0 when every child did.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from functools import partial
 from typing import NoReturn
 
@@ -89,8 +91,12 @@ def _child_args() -> list[str]:
     return [sys.executable, "-m", "app.workers"]
 
 
-def _child_input(settings: Settings, nats_url: str, fd: int, worker: int) -> bytes:
-    child = dataclasses.replace(settings, nats_urls=(nats_url,), workers=1)
+def _child_input(
+    settings: Settings, nats_url: str, fd: int, worker: int, metrics_dir: str
+) -> bytes:
+    child = dataclasses.replace(
+        settings, nats_urls=(nats_url,), workers=1, metrics_dir=metrics_dir, worker=worker
+    )
     return json.dumps({"settings": child.to_json(), "fd": fd, "worker": worker}).encode()
 
 
@@ -127,70 +133,79 @@ async def _supervise(settings: Settings, listener: socket.socket) -> int:
     and restarts the whole service rather than running with less capacity."""
     codes: list[int] = []
     try:
-        async with trio.open_nursery() as nursery:
-            if settings.nats_urls:
-                nats_url = ",".join(settings.nats_urls)
-            else:
-                server = await nursery.start(embedded.serve_nats, settings.nats_data_dir)
-                nats_url = server.url
-            # The settings travel whole on stdin; the environment must not add to them.
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CHATWATCH_")}
-            procs: list[trio.Process] = []
-            async with trio.open_nursery() as children:
-                fd = listener.fileno()
-                for worker in range(1, settings.workers + 1):
-                    # Own session: a terminal's Ctrl-C or a group-wide SIGTERM reaches
-                    # only us, and each worker gets exactly one signal, from us.
-                    proc = await children.start(
-                        partial(
-                            trio.run_process,
-                            _child_args(),
-                            stdin=_child_input(settings, nats_url, fd, worker),
-                            pass_fds=(fd,),
-                            check=False,
-                            env=env,
-                            start_new_session=True,
-                        )
-                    )
-                    procs.append(proc)
-                log.info("%d workers on %s", len(procs), settings.bind)
-                stopping = trio.Event()
-
-                def stop_all(signum: int) -> None:
-                    stopping.set()
-                    for p in procs:
-                        if p.returncode is None:
-                            p.send_signal(signum)
-
-                async def forward_signals() -> None:
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                        async for signum in signals:
-                            if stopping.is_set():
-                                embedded.kill_children()
-                                for p in procs:
-                                    if p.returncode is None:
-                                        p.kill()
-                            stop_all(signum)
-
-                async def watch(p: trio.Process) -> None:
-                    code = await p.wait()
-                    codes.append(code)
-                    if not stopping.is_set():
-                        log.error("worker %d exited with %d; stopping the others", p.pid, code)
-                        stop_all(signal.SIGTERM)
-
-                children.start_soon(forward_signals)
-                async with trio.open_nursery() as watchers:
-                    for p in procs:
-                        watchers.start_soon(watch, p)
-                children.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
+        with contextlib.ExitStack() as stack:
+            await _run_workers(settings, listener, codes, stack)
     except BaseExceptionGroup as group:
         raise unwrap_single(group) from None
     finally:
         listener.close()
     # 0 only if every worker shut down cleanly.
     return max((abs(c) for c in codes), default=0)
+
+
+async def _run_workers(
+    settings: Settings, listener: socket.socket, codes: list[int], stack: contextlib.ExitStack
+) -> None:
+    async with trio.open_nursery() as nursery:
+        if settings.nats_urls:
+            nats_url = ",".join(settings.nats_urls)
+        else:
+            server = await nursery.start(embedded.serve_nats, settings.nats_data_dir)
+            nats_url = server.url
+        # The settings travel whole on stdin; the environment must not add to them.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATWATCH_")}
+        procs: list[trio.Process] = []
+        # Each worker writes its numbers here; any worker's /metrics sums them.
+        metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="chatwatch-"))
+        async with trio.open_nursery() as children:
+            fd = listener.fileno()
+            for worker in range(1, settings.workers + 1):
+                # Own session: a terminal's Ctrl-C or a group-wide SIGTERM reaches
+                # only us, and each worker gets exactly one signal, from us.
+                proc = await children.start(
+                    partial(
+                        trio.run_process,
+                        _child_args(),
+                        stdin=_child_input(settings, nats_url, fd, worker, metrics_dir),
+                        pass_fds=(fd,),
+                        check=False,
+                        env=env,
+                        start_new_session=True,
+                    )
+                )
+                procs.append(proc)
+            log.info("%d workers on %s", len(procs), settings.bind)
+            stopping = trio.Event()
+
+            def stop_all(signum: int) -> None:
+                stopping.set()
+                for p in procs:
+                    if p.returncode is None:
+                        p.send_signal(signum)
+
+            async def forward_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        if stopping.is_set():
+                            embedded.kill_children()
+                            for p in procs:
+                                if p.returncode is None:
+                                    p.kill()
+                        stop_all(signum)
+
+            async def watch(p: trio.Process) -> None:
+                code = await p.wait()
+                codes.append(code)
+                if not stopping.is_set():
+                    log.error("worker %d exited with %d; stopping the others", p.pid, code)
+                    stop_all(signal.SIGTERM)
+
+            children.start_soon(forward_signals)
+            async with trio.open_nursery() as watchers:
+                for p in procs:
+                    watchers.start_soon(watch, p)
+            children.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

@@ -629,3 +629,12 @@ async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: P
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_tokens_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token is pasted after `sessions revoke`; a leading '-' would read as an option."""
+    from app import auth
+
+    draws = iter(["-starts-with-a-dash", "_fine"])
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(draws))
+    assert auth.new_token() == "_fine"

@@ -13,6 +13,7 @@ from tests.natsproc import NatsProcess
 from tests.polling import poll_until
 from tests.served import served
 from tests.sseclient import request
+from tests.streams import metrics
 
 
 async def test_a_second_deployment_on_the_same_port_fails_and_the_first_keeps_it(
@@ -72,3 +73,31 @@ async def test_worker_logs_name_the_worker(nats: NatsProcess, tmp_path: Path) ->
             return all(f"worker {n} chatwatch: serving on" in text for n in (1, 2))
 
         await poll_until(both_serving, limit=15)
+
+
+async def test_metrics_are_the_sum_over_workers_whichever_answers(
+    nats: NatsProcess, tmp_path: Path
+) -> None:
+    """A scrape reaches one worker at random; each answers for all of them."""
+    async with served(nats, tmp_path, "--workers", "2") as srv:
+        streams = []
+        try:
+            with trio.fail_after(30):
+                for i in range(12):
+                    s = await request(srv.port, watch_path(srv.cids[i % 4]), token=srv.token)
+                    assert s.status == 200
+                    assert await s.next_frame() == b":ok"
+                    streams.append(s)
+
+                async def all_counted() -> bool:
+                    # Each worker sees the other's numbers within a snapshot period.
+                    texts = [await metrics(srv.port) for _ in range(6)]
+                    return all("chatwatch_watchers 12.0" in t for t in texts)
+
+                await poll_until(all_counted, limit=15)
+                answers = [await metrics(srv.port) for _ in range(20)]
+            assert all("chatwatch_watchers 12.0" in text for text in answers)
+            assert all("chatwatch_workers 2.0" in text for text in answers)
+        finally:
+            for s in streams:
+                await s.aclose()
