@@ -633,8 +633,10 @@ async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: P
 
 def test_tokens_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
     """A token is pasted after `sessions revoke`; a leading '-' would read as an option."""
+    import secrets
+
     from app import auth
 
     draws = iter(["-starts-with-a-dash", "_fine"])
-    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(draws))
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
     assert auth.new_token() == "_fine"
