@@ -12,7 +12,6 @@ status tasks. A watcher owns nothing here; `leave` is synchronous, so it runs in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -27,6 +26,7 @@ from app.errors import BusUnavailable, unwrap_single
 from app.events import parse_event
 from app.history import History
 from app.jsapi import ApiError
+from app.outbox import Outbox
 
 log = logging.getLogger("chatwatch.hub")
 
@@ -89,20 +89,22 @@ class Watcher:
         "ended",
         "held",
         "held_bytes",
+        "outbox",
         "overflowed",
         "owner",
-        "queued_bytes",
-        "recv",
         "resume",
-        "send",
         "told_down",
         "topic",
     )
 
     def __init__(
-        self, topic: Topic, buffer: int, owner: str | None, resume: Resume | None = None
+        self,
+        topic: Topic,
+        outbox: Outbox,
+        owner: str | None,
+        resume: Resume | None = None,
     ) -> None:
-        self.send, self.recv = trio.open_memory_channel[bytes](buffer)
+        self.outbox = outbox
         self.topic = topic
         self.owner = owner
         self.resume = resume
@@ -115,8 +117,6 @@ class Watcher:
         self.told_down = False
         # Ended by the hub (`end_sessions`): never admitted, never delivered to again.
         self.ended = False
-        # Bytes of frames queued and not yet taken by the response (see WatchBody).
-        self.queued_bytes = 0
 
 
 class Topic:
@@ -258,11 +258,7 @@ class Hub:
             topic.replaying.clear()
             for w in list(topic.members):
                 w.held = None
-                with contextlib.suppress(
-                    trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
-                ):
-                    w.send.send_nowait(final)
-                w.send.close()
+                w.outbox.put_last(final)
 
     def owners(self) -> list[str]:
         """The sessions (token hashes) with at least one open watcher."""
@@ -283,11 +279,7 @@ class Hub:
                     continue
                 w.ended = True
                 self._detach(w)
-                with contextlib.suppress(
-                    trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
-                ):
-                    w.send.send_nowait(final)
-                w.send.close()
+                w.outbox.put_last(final)
                 ended += 1
         return ended
 
@@ -306,7 +298,7 @@ class Hub:
         if topic is None:
             topic = self._topics[conversation_id] = Topic(conversation_id)
             self._nursery.start_soon(self._run_topic, topic, name=f"topic {conversation_id}")
-        w = Watcher(topic, self._buffer, owner, resume)
+        w = Watcher(topic, Outbox(self._buffer, self._buffer_bytes), owner, resume)
         topic.members.add(w)
         self.watchers += 1
         if owner is not None:
@@ -413,14 +405,13 @@ class Hub:
                 break
         self.replays += 1
         if seen > cap:
-            await w.send.send(
+            await w.outbox.put(
                 sse.error_frame(
                     f"replay capped at {cap} events: the {seen - cap} oldest were left out"
                 )
             )
         for _seq, frame in kept:
-            await w.send.send(frame)
-            w.queued_bytes += len(frame)
+            await w.outbox.put(frame)
         self.events_replayed += len(kept)
         return last
 
@@ -447,7 +438,7 @@ class Hub:
             return
         topic.members.discard(w)
         self._detach(w)
-        w.send.close()
+        w.outbox.close()
         self.watchers -= 1
         if w.owner is not None:
             left = self._per_owner[w.owner] - 1
@@ -471,20 +462,15 @@ class Hub:
     # -- delivery ----------------------------------------------------------------
 
     def _push(self, w: Watcher, frame: bytes) -> None:
-        try:
-            w.send.send_nowait(frame)
-            w.queued_bytes += len(frame)
-        except trio.WouldBlock:
+        if not w.outbox.offer(frame):
             self._overflow(w)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
 
     def _overflow(self, w: Watcher) -> None:
         # The buffered frames stay readable, then the stream ends with SLOW_CONSUMER.
         w.overflowed = True
         self.slow_consumers += 1
         self._detach(w)
-        w.send.close()
+        w.outbox.close()
         log.info("slow consumer cut off (conversation %s)", w.topic.conversation_id)
 
     def _deliver(self, topic: Topic, subject: str, payload: bytes, _headers: object) -> None:
@@ -499,23 +485,16 @@ class Hub:
 
     def _fanout(self, topic: Topic, frame: bytes, seq: int = 0) -> None:
         topic.active = True
-        # A watcher over either limit (frames, via WouldBlock; bytes, checked here) is
-        # a slow consumer: cut off alone, after the loop, while the rest get the frame.
+        # A watcher over either limit of its outbox is a slow consumer: cut off alone,
+        # after the loop, while the rest get the frame.
         slow: list[Watcher] | None = None
         size = len(frame)
         cap = self._buffer_bytes - size
         for w in topic.attached:
-            if w.queued_bytes <= cap:
-                try:
-                    w.send.send_nowait(frame)
-                except trio.WouldBlock:
-                    pass
-                else:
-                    w.queued_bytes += size
-                    continue
-            if slow is None:
-                slow = []
-            slow.append(w)
+            if not w.outbox.offer(frame):
+                if slow is None:
+                    slow = []
+                slow.append(w)
         self.events_out += len(topic.attached)
         if topic.replaying:
             for w in topic.replaying:
@@ -694,7 +673,7 @@ class Hub:
         for w in list(topic.members):
             self._detach(w)
             self._push(w, failed)
-            w.send.close()
+            w.outbox.close()
 
     def _on_bus_status(self, connected: bool) -> None:
         if connected:

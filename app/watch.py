@@ -109,29 +109,10 @@ class WatchBody(ResponseBody):
         watcher = self._watcher
         if watcher is None:
             raise StopAsyncIteration
-        recv = watcher.recv
         try:
-            first = await recv.receive()
+            return await watcher.outbox.take(_COALESCE_BYTES)
         except (trio.EndOfChannel, trio.ClosedResourceError):
             if watcher.overflowed and not self._ended:
                 self._ended = True
                 return SLOW_CONSUMER
             raise StopAsyncIteration from None
-        # Coalesce whatever else is already queued into one write: under load this is
-        # what turns thousands of small writes into a few large ones.
-        try:
-            second = recv.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            watcher.queued_bytes -= len(first)
-            return first
-        parts = [first, second]
-        size = len(first) + len(second)
-        try:
-            while size < _COALESCE_BYTES:
-                frame = recv.receive_nowait()
-                parts.append(frame)
-                size += len(frame)
-        except (trio.WouldBlock, trio.EndOfChannel):
-            pass
-        watcher.queued_bytes -= size
-        return b"".join(parts)

@@ -33,9 +33,8 @@ def drain(w: Watcher) -> list[bytes]:
     out = []
     while True:
         try:
-            out.append(w.recv.receive_nowait())
+            out.append(w.outbox.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
-            w.queued_bytes -= sum(map(len, out))
             return out
 
 
@@ -113,12 +112,12 @@ async def test_slow_consumer_by_bytes(bus: FakeBus) -> None:
         for _ in range(3):
             bus.deliver(f"chat.chunk.{CID}", b"x" * 290)
         assert hub.statistics().slow_consumers == 0
-        assert w.queued_bytes == 3 * frame_size
+        assert w.outbox.queued_bytes == 3 * frame_size
         bus.deliver(f"chat.chunk.{CID}", b"x" * 290)  # would pass 1000 bytes
         assert hub.statistics().slow_consumers == 1
         got = [chunk async for chunk in WatchBody.for_watcher(hub, w)]
         assert got[-1] == SLOW_CONSUMER
-        assert w.queued_bytes == 0
+        assert w.outbox.queued_bytes == 0
 
 
 async def test_watcher_arriving_while_nats_is_down(hub: Hub, bus: FakeBus) -> None:
@@ -179,7 +178,7 @@ async def test_keepalive_only_on_idle_conversations(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publish_every_second)
-            await idle.recv.receive()  # the first keepalive
+            await idle.outbox.take(1)  # the first keepalive
             assert trio.current_time() - start == pytest.approx(15.0)
             nursery.cancel_scope.cancel()
         assert sse.KEEPALIVE not in drain(busy)
@@ -203,7 +202,7 @@ async def test_close_sends_the_final_frame_and_ends_every_stream(hub: Hub) -> No
     hub.close(b"retry: 1000\n\n")
     assert drain(a) == [b"retry: 1000\n\n"]
     with pytest.raises(trio.EndOfChannel):
-        a.recv.receive_nowait()
+        a.outbox.receive_nowait()
     with pytest.raises(RuntimeError):
         hub.join(CID)
 

@@ -148,14 +148,14 @@ async def test_a_store_outage_ends_nothing_a_definite_answer_does(
             nursery.start_soon(end_revoked_sessions, store, hub, 2.0)
             await trio.sleep(61)  # thirty checks, every one an outage
             assert store.asked == 30
-            assert revoked.recv.receive_nowait() == sse.OK
+            assert revoked.outbox.receive_nowait() == sse.OK
             assert revoked in revoked.topic.attached
             store.answer = {"revoked-session": "revoked"}
             await trio.sleep(2)  # the next check
             nursery.cancel_scope.cancel()
-        assert revoked.recv.receive_nowait() == sse.error_frame("session revoked")
+        assert revoked.outbox.receive_nowait() == sse.error_frame("session revoked")
         assert revoked not in revoked.topic.attached
-        assert kept.recv.receive_nowait() == sse.OK
+        assert kept.outbox.receive_nowait() == sse.OK
         assert kept.attached
         hub.leave(revoked)
         hub.leave(kept)
@@ -172,7 +172,7 @@ async def test_a_watcher_ended_before_admission_never_gets_ok() -> None:
                 await trio.testing.wait_all_tasks_blocked()
                 assert hub.end_sessions({"revoked-session": b"final"}) == 1
                 bus.gate.set()
-        assert w.recv.receive_nowait() == b"final"
+        assert w.outbox.receive_nowait() == b"final"
         assert not w.attached
         bus.deliver(f"chat.chunk.{CID}", b'{"chunk_type": "token"}')
         hub.leave(w)

@@ -1,0 +1,88 @@
+"""A watcher's outbox: the bounded queue between the hub and one SSE response.
+
+Two limits bound it, whichever comes first: frames (the memory channel's size) and
+bytes (counted here, on the way in and on the way out). Both sides of the count live
+in this class, so no other module adds or subtracts bytes.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Outbox:
+    __slots__ = ("_max_bytes", "_recv", "_send", "queued_bytes")
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self._send, self._recv = trio.open_memory_channel[bytes](max_frames)
+        self._max_bytes = max_bytes
+        self.queued_bytes = 0
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue without blocking; False when either limit would be passed.
+
+        A closed outbox takes nothing and says True: there is no one to cut off.
+        """
+        if self.queued_bytes + len(frame) > self._max_bytes:
+            return False
+        try:
+            self._send.send_nowait(frame)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return True
+        self.queued_bytes += len(frame)
+        return True
+
+    def put_last(self, frame: bytes) -> None:
+        """Queue a stream's final frame if there is room at all, then close."""
+        try:
+            self._send.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        else:
+            self.queued_bytes += len(frame)
+        self._send.close()
+
+    async def put(self, frame: bytes) -> None:
+        """Queue, waiting for room (a replay is paced by its reader).
+
+        Raises:
+            trio.ClosedResourceError: the outbox was closed (the watcher was cut off).
+        """
+        await self._send.send(frame)
+        self.queued_bytes += len(frame)
+
+    def close(self) -> None:
+        self._send.close()
+
+    def receive_nowait(self) -> bytes:
+        """One frame. Raises trio.WouldBlock (empty) or trio.EndOfChannel (closed)."""
+        frame = self._recv.receive_nowait()
+        self.queued_bytes -= len(frame)
+        return frame
+
+    async def take(self, coalesce: int) -> bytes:
+        """The next frame, joined with whatever else is already queued up to `coalesce`
+        bytes: under load this turns thousands of small writes into a few large ones.
+
+        Raises:
+            trio.EndOfChannel: closed and empty.
+        """
+        first = await self._recv.receive()
+        try:
+            second = self._recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            self.queued_bytes -= len(first)
+            return first
+        parts = [first, second]
+        size = len(first) + len(second)
+        try:
+            while size < coalesce:
+                frame = self._recv.receive_nowait()
+                parts.append(frame)
+                size += len(frame)
+        except (trio.WouldBlock, trio.EndOfChannel):
+            pass
+        self.queued_bytes -= size
+        return b"".join(parts)
