@@ -18,6 +18,10 @@ a raw NATS publisher and raw SSE clients on trio sockets. The sequence:
    time, while publishing goes on and the 200 watchers keep watching.
 3. all clients closed: NATS subscriptions, trio tasks, fds, RSS back to the baseline;
    no traceback in the service log; a clean SIGTERM shutdown.
+4. (`--instance-kills N`) two instances with history on, clients spread over both; one
+   instance killed with SIGKILL N times in turn, its clients resuming on the other
+   with Last-Event-ID: every event after each client's first `:ok`, exactly once, in
+   order (tests/chaos/instance_kills.py).
 
 Prints a summary table; exits 1 if any check failed. Every loop and wait is bounded.
 """
@@ -48,6 +52,9 @@ import trio  # ruff: ignore[module-import-not-at-top-of-file]
 
 from app.store import SQLiteStore  # ruff: ignore[module-import-not-at-top-of-file]
 from tests import sseclient  # ruff: ignore[module-import-not-at-top-of-file]
+from tests.chaos.instance_kills import (  # ruff: ignore[module-import-not-at-top-of-file]
+    run_instance_kills,
+)
 from tests.natsproc import NatsProcess  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.ports import free_port  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.procfs import rss_kib  # ruff: ignore[module-import-not-at-top-of-file]
@@ -62,7 +69,8 @@ HOLD_AFTER_RESUB = 1.5  # seconds of publishing per cycle after the resubscripti
 FD_TOLERANCE = 5
 RSS_TOLERANCE = 0.10
 SUBS_GONE_LIMIT = 5.0
-TOTAL_LIMIT = 285.0  # seconds for the whole async run (hard stop)
+TOTAL_LIMIT = 285.0  # seconds for phases 0-3 (hard stop)
+INSTANCE_KILLS_LIMIT = 120.0  # seconds for phase 4 (hard stop)
 TASKS_METRIC = "chatwatch_trio_tasks"
 NATS_LOST = "NATS connection lost"
 
@@ -1025,6 +1033,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--churn", type=int, default=10000)
     ap.add_argument("--rate", type=float, default=1000.0, help="events/s (watched conversations)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (DB, service log)")
+    ap.add_argument(
+        "--instance-kills",
+        type=int,
+        default=6,
+        help="phase 4: kill -9 one of two instances this many times (0: skip)",
+    )
     args = ap.parse_args(argv)
     cfg = Config(restarts=args.restarts, churn=args.churn, rate=args.rate, keep=args.keep)
     rep = Report()
@@ -1036,6 +1050,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             await run(cfg, rep, tmp)
         if scope.cancelled_caught:
             rep.check("all", "finished in time", "no", f"<= {TOTAL_LIMIT:.0f} s", False)
+        if args.instance_kills:
+            with trio.move_on_after(INSTANCE_KILLS_LIMIT) as scope:
+                await run_instance_kills(rep, tmp, args.instance_kills, args.rate / 2)
+            if scope.cancelled_caught:
+                limit = f"<= {INSTANCE_KILLS_LIMIT:.0f} s"
+                rep.check("4 instance kills", "finished in time", "no", limit, False)
 
     try:
         trio.run(bounded)
