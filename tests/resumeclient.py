@@ -55,7 +55,8 @@ class Watcher:
         )
         try:
             assert response.status == 200, response.status
-            assert await response.next_frame() == b":ok"
+            first = await response.next_frame()
+            assert first == b":ok", first
         except BaseException:
             response.abort()
             raise

@@ -9,6 +9,7 @@ missed must come from the stream.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.conftest import chunk
 from tests.polling import poll_until
 from tests.resumeclient import Watcher
 from tests.served import served
+from tests.sseclient import get
 from tests.streams import has_metric
 
 STREAM = "CHAT"
@@ -79,6 +81,14 @@ async def test_open_streams_survive_the_failover_of_their_nats_server(
             conversations=1,
         ) as svc:
             (cid,) = svc.cids
+
+            async def ready() -> bool:
+                status, _headers, body = await get(svc.port, "/readyz")
+                return status == 200 and bool(json.loads(body)["history"])
+
+            # As a load balancer would: no watcher before the service is connected
+            # and its R3 stream is there.
+            await poll_until(ready, 30.0)
             watchers = [Watcher(cid, svc.token) for _ in range(WATCHERS)]
             responses = [await w.open(svc.port) for w in watchers]
             # nats-py shuffles its server list: the victim is whichever node holds
