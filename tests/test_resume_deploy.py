@@ -18,6 +18,7 @@ from tests.natsproc import NatsProcess
 from tests.rawnats import RawNats
 from tests.resumeclient import Watcher
 from tests.served import served
+from tests.streams import metrics
 
 CONVERSATIONS = 2
 WATCHERS_PER_CONVERSATION = 10
@@ -100,12 +101,19 @@ async def test_rolling_restart_loses_and_duplicates_nothing(
                 finally:
                     await pub.aclose()
                 assert a.proc.returncode == 0, (tmp_path / "a" / "service.log").read_text()
+                # What was published while the watchers moved came from B's replay.
+                assert _counter(await metrics(b.port), "chatwatch_events_replayed_total") > 0
     # Every watcher was on A when it stopped, and resumed on B.
     assert len(moved) == len(watchers)
     for w in watchers:
         assert w.errors == []
         assert w.connections == 2
         assert w.numbers == list(range(TOTAL)), _summary(w.numbers)
+
+
+def _counter(text: str, name: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
 
 
 def _summary(numbers: list[int]) -> str:
