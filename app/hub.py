@@ -31,7 +31,8 @@ NATS_NOT_AVAILABLE = sse.error_frame("NATS not available")
 NATS_LOST = sse.error_frame("NATS connection lost")
 SLOW_CONSUMER = sse.error_frame("slow consumer: events were arriving faster than they were read")
 
-MessageHandler = Callable[[str, bytes], None]
+# (subject, payload, headers): headers as nats-py gives them, a dict or None.
+MessageHandler = Callable[[str, bytes, dict[str, str] | None], None]
 
 
 class BusLike(Protocol):
@@ -293,7 +294,7 @@ class Hub:
     async def _run_topic(self, topic: Topic) -> None:
         cid = topic.conversation_id
 
-        def handler(subject: str, payload: bytes) -> None:
+        def handler(subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
             self._deliver(topic, subject, payload)
 
         with topic.scope:
