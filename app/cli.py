@@ -14,7 +14,7 @@ import trio
 
 from app import __version__, ids
 from app.config import Settings
-from app.errors import ChatwatchError, unwrap_single
+from app.errors import ChatwatchError, UsageError, unwrap_single
 from app.store import DEFAULT_SESSION_TTL, open_store, sqlite_path
 
 DEFAULT_PUBLISH_NATS = "nats://127.0.0.1:4222"
@@ -234,13 +234,18 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
 
             return workers.main(args.command, settings_from(args))
         if args.command == "publish":
-            from app.bus import publish_once
+            from app.publish import encode_payload, publish_once
 
             subject = (ids.chunk_subject if args.kind == "chunk" else ids.message_subject)(
                 args.conversation_id
             )
             urls = [u.strip() for u in args.nats_url.split(",") if u.strip()]
-            trio.run(publish_once, urls, subject, args.json.encode("utf-8"), args.timeout)
+            try:
+                payload = encode_payload(args.json)
+            except UsageError as exc:
+                print(f"chatwatch: {exc}", file=sys.stderr)
+                return 2
+            publish_once(urls, subject, payload, args.timeout)
             return 0
         if args.command == "watch":
             from app.termwatch import watch
