@@ -23,10 +23,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import nats
 import nats.errors
 import trio
 import trio_asyncio
+from nats.aio.client import Client
 
 from app import natsborder
 from app.errors import BusUnavailable
@@ -49,6 +49,12 @@ _WATCHDOG_PERIOD = 1.0
 _RECONNECT_WAIT_FIRST = 0.25
 _RECONNECT_WAIT_MAX = 2.0
 _RETRY_LOG_INTERVAL = 30.0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class ConnectionClosedForGood(Exception):
@@ -101,6 +107,7 @@ class Bus:
         self._retry_log = RetryLog()
         self.reconnects = 0
         self.disconnects = 0
+        self._ever_connected = False
         self._subscriptions = SubscriptionManager(self)
 
     @property
@@ -162,12 +169,14 @@ class Bus:
     async def _on_error(self, exc: Exception) -> None:
         if self._closing:
             return
-        if self._nc is not None and self._nc.is_reconnecting:
-            # Called once per failed attempt: back off, and say it once in a while.
+        if not self.connected and self._nc is not None:
+            # Called once per failed attempt, first connection or reconnection: back
+            # off, and say it once in a while.
             wait = natsborder.reconnect_wait(self._nc)
             natsborder.set_reconnect_wait(self._nc, min(wait * 2, _RECONNECT_WAIT_MAX))
             self._retry_log.failed(
-                f"NATS reconnect failed: {type(exc).__name__}: {exc}", trio.current_time()
+                f"NATS at {','.join(self._urls)} not reachable: {_describe(exc)}",
+                trio.current_time(),
             )
         else:
             log.info("NATS: %s: %s", type(exc).__name__, exc)
@@ -209,9 +218,12 @@ class Bus:
         task_status.started()
         delay = 0.05
         while True:
+            # Our own client object, so that its retries (nats-py retries the first
+            # connection too, calling error_cb each time) can be slowed down.
+            self._nc = Client()
             try:
-                self._nc = await self._aio(
-                    nats.connect,
+                await self._aio(
+                    self._nc.connect,
                     servers=self._urls,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -229,12 +241,15 @@ class Bus:
                 )
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 self._retry_log.failed(
-                    f"NATS not reachable at {','.join(self._urls)} ({exc})", trio.current_time()
+                    f"NATS at {','.join(self._urls)} not reachable: {_describe(exc)}",
+                    trio.current_time(),
                 )
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            self._ever_connected = True
             self._retry_log.succeeded()
+            natsborder.set_reconnect_wait(self._nc, _RECONNECT_WAIT_FIRST)
             log.info("NATS connected (%s)", self._url_for_log())
             self._set_connected(True)
             return
@@ -324,8 +339,8 @@ class Bus:
         that outlasts nats-py's own drain timeout and final flush."""
         self._closing = True
         nc = self._nc
-        if nc is None or nc.is_closed:
-            return
+        if nc is None or nc.is_closed or not self._ever_connected:
+            return  # (a first connection still being tried is cancelled by open_bus)
         with trio.CancelScope(shield=True):
             with trio.move_on_after(_CLOSE_DEADLINE):
                 try:

@@ -9,7 +9,9 @@ run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,8 @@ from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.subscription import Subscription
 
 from app import bus as bus_module, natsborder, subscriptions
-from app.bus import Bus, open_bus
+from app.bus import Bus, RetryLog, open_bus
+from app.errors import BusUnavailable
 from tests.natsproc import NatsProcess
 from tests.polling import wait_until_async
 
@@ -52,10 +55,13 @@ class Inbox:
         self._arrived.set()
 
     async def wait(self) -> bytes:
-        while not self.payloads:
+        await self.wait_for(1)
+        return self.payloads[-1]
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.payloads) < count:
             await self._arrived.wait()
             self._arrived = trio.Event()
-        return self.payloads[-1]
 
 
 async def hold(
@@ -192,3 +198,72 @@ async def test_close_outlasts_drain_and_its_final_flush(nats: NatsProcess) -> No
     # drain() waits `drain_timeout` for the subscriptions, then flushes with nats-py's
     # default flush timeout; trio must not cancel that flush (NOTES: a cancelled flush).
     assert drain_timeout + DEFAULT_FLUSH_TIMEOUT < bus_module._CLOSE_DEADLINE
+
+
+async def test_handlers_get_headers_and_call_runs_with_the_live_client(nats: NatsProcess) -> None:
+    async with open_bus([nats.url]) as bus:
+        with trio.fail_after(10):
+            await bus.wait_connected()
+        inbox = Inbox()
+        headers: list[Any] = []
+
+        def handler(subject: str, payload: bytes, hdrs: dict[str, str] | None) -> None:
+            headers.append(hdrs)
+            inbox(subject, payload)
+
+        async def publish_with_headers(nc: Any, subject: str) -> str:
+            await nc.publish(subject, b"h", headers={"Nats-Sequence": "7"})
+            return "sent"
+
+        subject = SUBJECTS[0].replace("*", "chunk")
+        with trio.fail_after(10):
+            async with bus.subscription(SUBJECTS[0], handler):
+                assert await bus.call(publish_with_headers, subject) == "sent"
+                await bus.publish(subject, b"plain")
+                await inbox.wait_for(2)
+        assert headers == [{"Nats-Sequence": "7"}, None]
+
+
+def refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"nats://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_call_without_a_connection_raises_bus_unavailable() -> None:
+    async with open_bus([refused_url()]) as bus:
+
+        async def never(nc: Any) -> None:
+            raise AssertionError("ran without a connection")
+
+        with pytest.raises(BusUnavailable, match="not connected"):
+            await bus.call(never)
+
+
+def test_retry_log_warns_once_then_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    log = RetryLog(interval=30)
+    with caplog.at_level(logging.INFO, logger="chatwatch.nats"):
+        for tenth in range(0, 650):  # ten attempts a second for 65 s
+            log.failed("NATS at x not reachable: connection refused", tenth / 10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "NATS at x not reachable: connection refused; retrying",
+        "NATS at x not reachable: connection refused (301 failed attempts so far); retrying",
+        "NATS at x not reachable: connection refused (601 failed attempts so far); retrying",
+    ]
+    assert {r.levelno for r in caplog.records} == {logging.WARNING}
+
+
+async def test_an_unreachable_nats_is_retried_with_backoff_and_few_log_lines(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    # No server at all, so virtual time cannot break anything real.
+    with caplog.at_level(logging.INFO, logger="chatwatch.nats"):
+        async with open_bus([refused_url()]) as bus:
+            await trio.sleep(65)
+            attempts = bus.nc.options["reconnect_time_wait"]
+    lines = [r for r in caplog.records if r.name == "chatwatch.nats"]
+    assert len(lines) == 3, [r.getMessage() for r in lines]
+    assert all(r.levelno == logging.WARNING for r in lines)
+    assert "connection refused" in lines[0].getMessage()
+    assert attempts == pytest.approx(2.0)  # backed off to the longest wait
