@@ -2,18 +2,20 @@
 
 # Layers. A module imports only from layers below it:
 #
-#   cli                                    argparse
+#   cli, publish                           argparse; the one-shot `chatwatch publish`
 #   workers                                one process or N (SO_REUSEPORT), trio.run
 #   service, demo, embedded, termwatch     composition root, child processes, clients
 #   http, watch, metrics, listen           Quart-Trio routes; the per-watcher response
 #                                          body; Prometheus; the listening socket
-#   bus, store                             the NATS border (only importer of nats and
-#                                          trio_asyncio); sessions and ownership
+#   bus, store                             the NATS connection; sessions and ownership
+#   subscriptions                          SUB/UNSUB batches, one PING each
+#   natsborder                             every use of nats-py's private API
 #   hub                                    fan-out: one subscription per conversation
 #   sse, events, ids, auth, openapi        pure: framing, parsing, validation, docs
 #   errors, config                         leaves
 #
-# `bus` is the only module that imports nats or trio_asyncio; `http` and `watch` are the
-# only importers of quart; `service` is the only importer of hypercorn.
+# `bus`, `subscriptions`, `natsborder` and `publish` are the only modules that import
+# nats or trio_asyncio; `http` and `watch` are the only importers of quart; `service`
+# is the only importer of hypercorn.
 
 __version__ = "0.1.0"

@@ -234,13 +234,18 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
         if args.command in ("serve", "demo"):
             return _serve(args, given)
         if args.command == "publish":
-            from app.bus import publish_once
+            from app.publish import encode_payload, publish_once
 
             subject = (ids.chunk_subject if args.kind == "chunk" else ids.message_subject)(
                 args.conversation_id
             )
             urls = [u.strip() for u in args.nats_url.split(",") if u.strip()]
-            trio.run(publish_once, urls, subject, args.json.encode("utf-8"), args.timeout)
+            try:
+                payload = encode_payload(args.json)
+            except UsageError as exc:
+                print(f"chatwatch: {exc}", file=sys.stderr)
+                return 2
+            publish_once(urls, subject, payload, args.timeout)
             return 0
         if args.command == "watch":
             from app.termwatch import watch

@@ -34,7 +34,8 @@ NATS_NOT_AVAILABLE = sse.error_frame("NATS not available")
 NATS_LOST = sse.error_frame("NATS connection lost")
 SLOW_CONSUMER = sse.error_frame("slow consumer: events were arriving faster than they were read")
 
-MessageHandler = Callable[[str, bytes, "dict[str, str] | None"], None]
+# (subject, payload, headers): headers as nats-py gives them, a dict or None.
+MessageHandler = Callable[[str, bytes, dict[str, str] | None], None]
 HISTORY_NOT_AVAILABLE = sse.error_frame("history not available")
 # Live messages a topic holds while it fetches what its live path missed; beyond, they
 # are dropped and fetched from the stream too.

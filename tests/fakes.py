@@ -53,6 +53,6 @@ class FakeBus:
             del self.handlers[subject]
             self.unsubscribe_calls += 1
 
-    def deliver(self, subject: str, payload: bytes) -> None:
+    def deliver(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         conversation_id = subject.rsplit(".", 1)[1]
-        self.handlers[f"chat.*.{conversation_id}"](subject, payload, None)
+        self.handlers[f"chat.*.{conversation_id}"](subject, payload, headers)

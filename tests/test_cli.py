@@ -9,21 +9,24 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 from app.cli import build_parser, main, parse_args, settings_from
+from app.embedded import nats_server_binary
 from app.store import DEFAULT_SESSION_TTL, Access, Grant, SQLiteStore
 from tests.conftest import Service, chunk, start_service, wait_until, watch_path
 from tests.natsproc import NatsProcess
-from tests.ports import closed_port
+from tests.ports import closed_port, free_port
 from tests.procfs import children_of, is_running
 from tests.sseclient import get, request
 from tests.streams import parse, watch
@@ -398,16 +401,74 @@ def test_publish_with_a_bad_conversation_id_is_a_usage_error(
     assert "invalid choice" in usage_error(capsys, "publish", "thing", SOME_CID, "{}")
 
 
-def test_publish_without_a_nats_server_exits_1_with_a_message(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+async def test_publish_to_a_refused_port_says_so_at_once() -> None:
     with closed_port() as port:
         url = f"nats://127.0.0.1:{port}"
-        code, out, err = run_cli(
-            capsys, "publish", "chunk", SOME_CID, "{}", "--nats-url", url, "--timeout", "0.5"
+        # A long --timeout: the refusal must be reported, not waited out.
+        result = await run_cli_process("publish", "chunk", SOME_CID, "{}", "--nats-url", url)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.decode() == f"chatwatch: NATS at {url}: connection refused\n"
+
+
+async def test_publish_to_a_server_that_never_answers_times_out_in_one_line() -> None:
+    with socket.socket() as silent:  # accepts (in the kernel's backlog), never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        result = await run_cli_process(
+            "publish", "chunk", SOME_CID, "{}", "--nats-url", url, "--timeout", "0.5"
         )
-    assert (code, out) == (1, "")
-    assert err == f"chatwatch: NATS at {url} did not answer within 0.5s\n"
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert result.stderr.decode() == f"chatwatch: NATS at {url} did not answer within 0.5s\n"
+
+
+async def test_publish_with_invalid_utf8_is_a_usage_error() -> None:
+    # What `chatwatch publish chunk ID $'\xff'` passes: bytes that are not UTF-8.
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [os.fsencode(a) for a in chatwatch("publish", "chunk", SOME_CID)] + [b"\xff"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=subprocess_env(),
+        )
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode() == (
+        "chatwatch: publish: the payload is not valid UTF-8 (at character 1)\n"
+    )
+
+
+async def test_publish_over_the_servers_max_payload_is_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 100\n")
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    payload = json.dumps({"chunk_type": "token", "text": "x" * 200})
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                trio.run_process,
+                [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.02)
+        result = await run_cli_process("publish", "chunk", SOME_CID, payload, "--nats-url", url)
+        server.kill()
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert result.stderr.decode() == (
+        f"chatwatch: the payload ({len(payload)} bytes) is larger than the NATS server's "
+        "max_payload (100 bytes)\n"
+    )
 
 
 async def test_publish_reaches_a_watcher(svc: Service) -> None:
