@@ -21,7 +21,7 @@ from tests.procfs import children_of, rss_kib
 from tests.rawnats import RawNats
 from tests.served import served
 from tests.sseclient import Response, request
-from tests.streams import has_metric, metrics, parse
+from tests.streams import has_metric, metrics, parse, until_ok
 
 # `has_metric` lived here once; tests elsewhere may still import it from here.
 __all__ = ["has_metric"]
@@ -71,8 +71,8 @@ async def test_two_workers_share_the_port_and_both_deliver(
         for i in range(12):
             r = await request(port, watch_path(cids[i % 2]), token=token)
             assert r.status == 200
-            assert await r.next_frame() == b":ok"
             streams.append(r)
+            await until_ok(r)
 
         def connections() -> int:
             return len([c for c in nats.monitor("/connz")["connections"] or []])

@@ -13,7 +13,7 @@ from tests.natsproc import NatsProcess
 from tests.polling import poll_until
 from tests.served import served
 from tests.sseclient import request
-from tests.streams import metrics
+from tests.streams import metrics, until_ok
 
 
 async def test_a_second_deployment_on_the_same_port_fails_and_the_first_keeps_it(
@@ -87,10 +87,7 @@ async def test_metrics_are_the_sum_over_workers_whichever_answers(
                     s = await request(srv.port, watch_path(srv.cids[i % 4]), token=srv.token)
                     assert s.status == 200
                     streams.append(s)
-                    # A worker whose NATS connection is not up yet says so first.
-                    while (frame := await s.next_frame()) != b":ok":
-                        assert frame is not None
-                        assert b"NATS not available" in frame
+                    await until_ok(s)
 
                 async def all_counted() -> bool:
                     # Each worker sees the other's numbers within a snapshot period.
