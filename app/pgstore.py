@@ -76,6 +76,7 @@ _DEFAULTS = {
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "3",
+    "tcp_user_timeout": "30000",  # ms: a query sent into a dead link fails, not hangs
     "application_name": "chatwatch",
 }
 
@@ -105,6 +106,11 @@ def check_url(url: str) -> dict[str, str]:
         if timeout in params and not params[timeout].lstrip("-").isdigit():
             raise ValueError(f"not a valid PostgreSQL URL: {timeout} {params[timeout]!r}")
     return {**_DEFAULTS, **params}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
 
 
 def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
@@ -159,35 +165,57 @@ class PostgresStore(BatchedAuth):
             raise
         return conn
 
-    async def _run(self, fn: Callable[[Conn], T]) -> T:
+    async def _run(self, fn: Callable[[Conn], T], *, idempotent: bool = False) -> T:
+        """`fn(connection)` in a worker thread, on a pooled or a new connection.
+
+        A pooled connection that has lost its server (a restart, a network cut) means
+        every idle one has: they are all dropped, and an `idempotent` call is tried
+        once more on a new connection, so no request pays for the stale pool.
+        """
         async with self._limiter:
             if self._closed:
                 raise StoreUnavailable("the session store is closed")
             conn = self._pool.pop() if self._pool else None
-
-            def work() -> tuple[Conn, T]:
-                c = conn if conn is not None else self._connect()
-                try:
-                    return c, fn(c)
-                except BaseException:
-                    if conn is None:
-                        c.close()
-                    raise
-
             try:
-                used, result = await trio.to_thread.run_sync(work, abandon_on_cancel=False)
+                return await self._once(conn, fn)
+            except psycopg.OperationalError as exc:
+                if conn is not None:
+                    while self._pool:
+                        self._pool.pop().close()
+                if conn is None or not idempotent or self._closed:
+                    raise StoreUnavailable(_first_line(exc)) from exc
+                log.info("database connection lost (%s): retrying on a new one", _first_line(exc))
             except (psycopg.Error, OSError) as exc:
-                if conn is not None:
-                    # Broken or not, a connection that failed is not worth keeping: the
-                    # next call opens a fresh one (this is how an outage ends).
-                    conn.close()
-                raise StoreUnavailable(str(exc).strip().splitlines()[0] or repr(exc)) from exc
+                raise StoreUnavailable(_first_line(exc)) from exc
+            try:
+                return await self._once(None, fn)
+            except (psycopg.Error, OSError) as exc:
+                raise StoreUnavailable(_first_line(exc)) from exc
+
+    async def _once(self, conn: Conn | None, fn: Callable[[Conn], T]) -> T:
+        def work() -> tuple[Conn, T]:
+            c = conn if conn is not None else self._connect()
+            try:
+                return c, fn(c)
             except BaseException:
-                if conn is not None:
-                    self._give_back(conn)
+                if conn is None:
+                    c.close()
                 raise
-            self._give_back(used)
-            return result
+
+        try:
+            used, result = await trio.to_thread.run_sync(work, abandon_on_cancel=False)
+        except (psycopg.Error, OSError):
+            # Broken or not, a connection that failed is not worth keeping: the next
+            # call opens a fresh one (this is how an outage ends).
+            if conn is not None:
+                conn.close()
+            raise
+        except BaseException:
+            if conn is not None:
+                self._give_back(conn)
+            raise
+        self._give_back(used)
+        return result
 
     def _give_back(self, conn: Conn) -> None:
         if self._closed or conn.closed:
@@ -231,7 +259,7 @@ class PostgresStore(BatchedAuth):
             return {int(str(i)) - 1: (str(u), None if o is None else str(o)) for i, u, o in rows}
 
         try:
-            found = await self._run(query)
+            found = await self._run(query, idempotent=True)
         except StoreUnavailable as exc:
             for r in batch:
                 r.fail(exc)
@@ -242,7 +270,9 @@ class PostgresStore(BatchedAuth):
 
     async def ping(self) -> bool:
         try:
-            await self._run(lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchall())
+            await self._run(
+                lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchall(), idempotent=True
+            )
         except StoreUnavailable:
             return False
         return True
@@ -261,7 +291,7 @@ class PostgresStore(BatchedAuth):
         def find(c: Conn) -> bool:
             return c.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is not None
 
-        if not await self._run(find):
+        if not await self._run(find, idempotent=True):
             raise NotFound(f"no such user: {user_id}")
 
     async def create_session(self, user_id: str, ttl: float = DEFAULT_SESSION_TTL) -> str:
@@ -286,7 +316,7 @@ class PostgresStore(BatchedAuth):
             )
             return cur.rowcount
 
-        if await self._run(update) == 0:
+        if await self._run(update, idempotent=True) == 0:
             raise NotFound("no such session")
 
     async def ended_sessions(self, token_hashes: Collection[str]) -> dict[str, str]:
@@ -303,7 +333,9 @@ class PostgresStore(BatchedAuth):
             ).fetchall()
             return [(str(h), bool(r), float(str(e))) for h, r, e in rows]
 
-        found = {h: (revoked, expires) for h, revoked, expires in await self._run(query)}
+        found = {
+            h: (revoked, expires) for h, revoked, expires in await self._run(query, idempotent=True)
+        }
         ended: dict[str, str] = {}
         for h in hashes:
             state = found.get(h)
@@ -355,4 +387,4 @@ class PostgresStore(BatchedAuth):
                     [(cid.lower(), o, now) for cid, o in conversations.items()],
                 )
 
-        await self._run(insert)
+        await self._run(insert, idempotent=True)  # ON CONFLICT DO NOTHING

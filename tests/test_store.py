@@ -575,3 +575,24 @@ async def test_a_database_outage_answers_503_keeps_open_streams_and_recovers(
     finally:
         await publisher.aclose()
         stream.abort()
+
+
+@only("postgresql")  # pooled connections that a database restart left stale
+async def test_the_first_check_after_a_database_restart_succeeds(backend: Backend) -> None:
+    assert backend.pg is not None
+    pg = backend.pg
+    store = PostgresStore(await backend.url(), pool_size=4)
+    user = await store.add_user("u")
+    token = await store.create_session(user)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:  # fill the pool: 4 open connections
+            for _ in range(4):
+                nursery.start_soon(store._run, lambda c: c.execute("SELECT pg_sleep(0.2)"))
+    await trio.to_thread.run_sync(pg.stop)
+    await trio.to_thread.run_sync(pg.start)
+    # Every pooled connection is dead now; not one request may pay for that.
+    with trio.fail_after(20):
+        for _ in range(5):
+            assert (await store.authorize(token, None)).access is Access.NOT_FOUND
+            assert await store.ping()
+    await store.aclose()
