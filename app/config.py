@@ -145,10 +145,10 @@ def nats_url_list(text: str) -> str:
 
 def database_url(text: str) -> str | None:
     from app.errors import UsageError
-    from app.store import sqlite_path
+    from app.store import check_database_url
 
     try:
-        sqlite_path(text)
+        check_database_url(text)
     except (ValueError, UsageError) as exc:
         raise ValueError(str(exc)) from None
     return text or None

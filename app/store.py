@@ -1,7 +1,8 @@
 """The session store: users, sessions (hashed tokens) and conversation ownership.
 
 `Store` is the narrow surface the service uses; `SQLiteStore` is the default
-implementation. A PostgreSQL store is a second implementation of the same Protocol.
+implementation, `app.pgstore.PostgresStore` the one for a database that several
+instances share; `open_store` picks one by the URL's scheme.
 Every blocking call runs in a worker thread under the store's own CapacityLimiter, so
 a slow disk never stalls the event loop and never takes more threads than the store's
 connection pool has connections.
@@ -104,6 +105,31 @@ class Store(Protocol):
 
     async def create_conversation(self, owner_id: str, title: str = "") -> str: ...
 
+    async def seed(
+        self,
+        users: dict[str, str],
+        sessions: dict[str, str],
+        conversations: dict[str, str],
+    ) -> None: ...
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Close every connection; calls after this raise StoreUnavailable."""
+        ...
+
+
+def check_database_url(text: str) -> None:
+    """Refuse a URL that can never name a database (for the settings' parser).
+
+    Raises:
+        ValueError: naming the reason, one line.
+    """
+    from app import pgstore
+
+    if pgstore.is_postgres_url(text):
+        pgstore.check_url(text)
+    else:
+        sqlite_path(text)
+
 
 def sqlite_path(database_url: str | None) -> Path:
     """``None`` -> ./chatwatch.db; ``sqlite:///x.db`` or a plain path -> that file."""
@@ -118,15 +144,26 @@ def sqlite_path(database_url: str | None) -> Path:
     return Path(database_url)
 
 
-def check_database(database_url: str | None) -> Path:
+def check_database(database_url: str | None) -> Path | None:
     """Refuse, with one line, a database that can never work; create it otherwise.
 
     Run (in a thread) before anything starts: a path that cannot be opened is a
-    mistake in the configuration, not an outage to answer with 503 forever.
+    mistake in the configuration, not an outage to answer with 503 forever. A
+    PostgreSQL URL is only parsed (None is returned): a server that does not answer
+    yet is an outage, and the service starts anyway.
 
     Raises:
         UsageError: naming --database-url and the reason.
     """
+    from app import pgstore
+
+    if pgstore.is_postgres_url(database_url):
+        assert database_url is not None
+        try:
+            pgstore.check_url(database_url)
+        except ValueError as exc:
+            raise UsageError(f"--database-url: {exc}") from None
+        return None
     try:
         path = sqlite_path(database_url)
     except ValueError as exc:
@@ -193,7 +230,56 @@ def _grant(row: tuple[str, str | None] | None, req: _AuthRequest) -> Grant:
     return Grant(Access.GRANTED, user_id, req.token_hash)
 
 
-class SQLiteStore:
+class BatchedAuth:
+    """Session checks that arrive together share one database round trip.
+
+    A store implements `_authorize_batch`: answer every request of the batch (set
+    `grant` and `done`, or `fail`).
+    """
+
+    def __init__(self) -> None:
+        self._auth_queue: list[_AuthRequest] = []
+        self._auth_leader = False
+
+    async def _authorize_batch(self, batch: list[_AuthRequest]) -> None:
+        raise NotImplementedError
+
+    async def authorize(self, token: str, conversation_id: str | None) -> Grant:
+        # Watch requests arrive in bursts (a deploy, a reconnect storm): concurrent
+        # checks share one worker-thread round trip. The first caller runs batches
+        # until none is left, shielded, so that its own cancellation (its client left)
+        # never strands the others waiting on it.
+        # Whatever a batch raises, every waiter is answered: none may wait forever on
+        # a leader that has gone.
+        req = _AuthRequest(auth.hash_token(token), conversation_id)
+        self._auth_queue.append(req)
+        if not self._auth_leader:
+            self._auth_leader = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._auth_queue:
+                        batch, self._auth_queue = self._auth_queue, []
+                        try:
+                            await self._authorize_batch(batch)
+                        except Exception as exc:
+                            log.exception("session check failed")
+                            error = StoreUnavailable(f"session check failed: {exc!r}")
+                            for r in batch:
+                                r.fail(error)
+            finally:
+                self._auth_leader = False
+                # Only a BaseException (KeyboardInterrupt) gets here with work left.
+                left, self._auth_queue = self._auth_queue, []
+                for r in left:
+                    r.fail(StoreUnavailable("session check abandoned"))
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.grant is not None
+        return req.grant
+
+
+class SQLiteStore(BatchedAuth):
     """`Store` on one SQLite file, with a small pool of connections.
 
     Each connection is used by one worker thread at a time: the limiter has as many
@@ -205,14 +291,13 @@ class SQLiteStore:
     """
 
     def __init__(self, path: Path, pool_size: int = 4) -> None:
+        super().__init__()
         self._path = path
         self._pool_size = pool_size
         self._pool: list[sqlite3.Connection] = []
         self._opened = 0
         self._limiter = trio.CapacityLimiter(pool_size)
-        self._auth_queue: list[_AuthRequest] = []
         self._inodes: dict[int, int] = {}
-        self._auth_leader = False
         self._created = False
         self._closed = False
 
@@ -302,40 +387,6 @@ class SQLiteStore:
         while self._pool:
             self._pool.pop().close()
         self._inodes.clear()
-
-    async def authorize(self, token: str, conversation_id: str | None) -> Grant:
-        # Watch requests arrive in bursts (a deploy, a reconnect storm): concurrent
-        # checks share one worker-thread round trip. The first caller runs batches
-        # until none is left, shielded, so that its own cancellation (its client left)
-        # never strands the others waiting on it.
-        # Whatever a batch raises, every waiter is answered: none may wait forever on
-        # a leader that has gone.
-        req = _AuthRequest(auth.hash_token(token), conversation_id)
-        self._auth_queue.append(req)
-        if not self._auth_leader:
-            self._auth_leader = True
-            try:
-                with trio.CancelScope(shield=True):
-                    while self._auth_queue:
-                        batch, self._auth_queue = self._auth_queue, []
-                        try:
-                            await self._authorize_batch(batch)
-                        except Exception as exc:
-                            log.exception("session check failed")
-                            error = StoreUnavailable(f"session check failed: {exc!r}")
-                            for r in batch:
-                                r.fail(error)
-            finally:
-                self._auth_leader = False
-                # Only a BaseException (KeyboardInterrupt) gets here with work left.
-                left, self._auth_queue = self._auth_queue, []
-                for r in left:
-                    r.fail(StoreUnavailable("session check abandoned"))
-        await req.done.wait()
-        if req.error is not None:
-            raise req.error
-        assert req.grant is not None
-        return req.grant
 
     async def _authorize_batch(self, batch: list[_AuthRequest]) -> None:
         now = time.time()
@@ -497,18 +548,27 @@ class SQLiteStore:
 
 
 @asynccontextmanager
-async def open_store(database_url: str | None) -> AsyncGenerator[SQLiteStore, None]:
+async def open_store(database_url: str | None) -> AsyncGenerator[Store, None]:
     """Open the store named by `database_url`; its connections close on exit.
 
-    The file and its schema are created here if missing. Once open, a store that
-    cannot be reached answers 503 until it can (see errors.StoreUnavailable).
+    A SQLite file and its schema are created here if missing; a PostgreSQL schema on
+    the first connection that succeeds. Once open, a store that cannot be reached
+    answers 503 until it can (see errors.StoreUnavailable).
 
     Raises:
         UsageError: the database can never be opened (see `check_database`).
     """
+    from app.pgstore import PostgresStore
+
     path = await trio.to_thread.run_sync(check_database, database_url)
-    store = SQLiteStore(path)
-    store.mark_created()
+    store: Store
+    if path is None:
+        assert database_url is not None
+        store = PostgresStore(database_url)
+    else:
+        sqlite = SQLiteStore(path)
+        sqlite.mark_created()
+        store = sqlite
     try:
         yield store
     finally:

@@ -382,12 +382,10 @@ def test_serve_settings_come_from_the_environment() -> None:
 def test_an_unsupported_database_url_is_a_message_not_a_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    env = {"CHATWATCH_DATABASE_URL": "postgresql://u@db/chat"}
+    env = {"CHATWATCH_DATABASE_URL": "mysql://u@db/chat"}
     code, out, err = run_cli(capsys, "users", "add", "x", env=env)
     assert (code, out) == (2, "")
-    assert err == (
-        "chatwatch: CHATWATCH_DATABASE_URL: unsupported database URL scheme: postgresql\n"
-    )
+    assert err == ("chatwatch: CHATWATCH_DATABASE_URL: unsupported database URL scheme: mysql\n")
 
 
 # ---------------------------------------------------------------- publish
@@ -624,13 +622,13 @@ async def test_serve_with_an_unsupported_database_url_fails_cleanly(
         "--nats-url",
         nats.url,
         "--database-url",
-        "postgresql://u@db/chat",
+        "mysql://u@db/chat",
         cwd=tmp_path,
     )
     assert result.returncode == 2
     assert result.stdout == b""
     assert result.stderr.decode() == (
-        "chatwatch: --database-url: unsupported database URL scheme: postgresql\n"
+        "chatwatch: --database-url: unsupported database URL scheme: mysql\n"
     )
     assert list(await trio.Path(tmp_path).iterdir()) == []  # nothing started: no chatwatch.db
 
