@@ -175,3 +175,19 @@ def chaos(session: nox.Session) -> None:
     script = Path(__file__).resolve().parent / "tests" / "chaos" / "run_chaos.py"
     session.install("-e", ".[test]")
     session.run("python", str(script), *session.posargs)
+
+
+@nox.session
+def cluster(session: nox.Session) -> None:
+    """One deployment, every part real: a 3-node NATS cluster (JetStream, R3 history),
+    three chatwatch instances on one PostgreSQL, nginx in front (docs/deploy/nginx.conf);
+    then sessions across instances, a NATS node and the stream leader killed, an
+    instance killed, a rolling restart, leftovers. Needs Debian's postgresql and nginx
+    (`.ci/run` installs them). `nox -s cluster -- --watchers 48 --rate 400`.
+    """
+    # Imported here so that this session stays an addition to the file.
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "tests" / "deploy" / "run_cluster.py"
+    session.install("-e", ".[test]")
+    session.run("python", str(script), *session.posargs)

@@ -67,10 +67,11 @@ class ClusterNode(NatsProcess):
             nats_server_binary(),
             "-a",
             "127.0.0.1",
+            # A restart keeps the node's ports: clients reconnect to the URLs they know.
             "-p",
-            "-1",
+            str(self.client_port if self.client_port > 0 else -1),
             "-m",
-            "-1",
+            str(self.monitor_port if self.monitor_port > 0 else -1),
             "-n",
             self.name,
             "-js",

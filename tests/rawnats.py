@@ -8,6 +8,8 @@ instead of hanging it.
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 # Generous: the server answers in milliseconds, a loaded two-core machine in seconds.
@@ -20,13 +22,15 @@ class RawNats:
         self._buf = b""
 
     @classmethod
-    async def connect(cls, port: int) -> RawNats:
+    async def connect(cls, port: int, *, headers: bool = False) -> RawNats:
+        """`headers`: the connection may send HPUB (messages with headers)."""
         with trio.fail_after(TIMEOUT):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             self = cls(stream)
             try:
                 await self._read_line()  # INFO
-                await stream.send_all(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
+                options = {"verbose": False, "pedantic": False, "headers": headers}
+                await stream.send_all(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
                 await self._flush()
             except BaseException:
                 await trio.aclose_forcefully(stream)
