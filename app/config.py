@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,17 @@ def count(*, minimum: int = 1, maximum: int | None = None) -> Callable[[str], in
         return value
 
     return parse
+
+
+def worker_count(text: str) -> int:
+    """A number of processes, or ``auto``: one per CPU core this process may run on."""
+    if text == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, MAX_WORKERS))
+    return count(maximum=MAX_WORKERS)(text)
 
 
 def one_of(choices: Sequence[str]) -> Callable[[str], str]:
@@ -218,7 +230,10 @@ class Settings:
         1.0, "seconds the streams get to close at shutdown", seconds(), metavar="SECONDS"
     )
     workers: int = _opt(
-        1, f"processes serving one socket (at most {MAX_WORKERS})", count(maximum=MAX_WORKERS)
+        1,
+        f"processes serving one socket (at most {MAX_WORKERS}); auto: one per CPU core",
+        worker_count,
+        metavar="N|auto",
     )
     log_level: str = _opt("info", "log level", one_of(LOG_LEVELS), choices=LOG_LEVELS)
     # History (resume and late join) on JetStream.

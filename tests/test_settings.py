@@ -181,3 +181,12 @@ def test_history_settings_parse() -> None:
 def test_settings_travel_whole_to_a_worker() -> None:
     s = Settings(nats_urls=("nats://a:1", "tls://b:2"), history="off", workers=3)
     assert Settings.from_json(s.to_json()) == s
+
+
+def test_workers_auto_is_one_per_core_this_process_may_use() -> None:
+    import os
+
+    from app.config import MAX_WORKERS, worker_count
+
+    assert worker_count("auto") == min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    assert worker_count("3") == 3
