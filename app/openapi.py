@@ -52,11 +52,35 @@ SPEC: dict[str, Any] = {
                         "required": True,
                         "schema": {"type": "string"},
                         "description": "Hyphenated UUID; anything else is 404.",
-                    }
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Resume after this event id (history on); an id "
+                        "that cannot be resumed gets an error event and a late join.",
+                    },
+                    {
+                        "name": "last_event_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "As the Last-Event-ID header, for clients that "
+                        "cannot set headers; the header wins.",
+                    },
+                    {
+                        "name": "live_only",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["1", "true", "yes", "0", "false"]},
+                        "description": "Live events only: no late-join replay.",
+                    },
                 ],
                 "responses": {
                     "200": {
-                        "description": "The stream: `:ok`, then one `data:` line per event.",
+                        "description": "The stream: `:ok`, then one `data:` line per event "
+                        "(after one `id:` line when history is on).",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "401": _json_response("No, unknown, expired or revoked session."),
