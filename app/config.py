@@ -235,6 +235,12 @@ class Settings:
         worker_count,
         metavar="N|auto",
     )
+    write_window: float = _opt(
+        0.0,
+        "milliseconds a stream's frames may wait to be written together (0: at once)",
+        seconds(inclusive=True, maximum=1000.0),
+        metavar="MS",
+    )
     log_level: str = _opt("info", "log level", one_of(LOG_LEVELS), choices=LOG_LEVELS)
     # History (resume and late join) on JetStream.
     history: str = _opt(

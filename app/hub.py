@@ -187,8 +187,10 @@ class Hub:
         keepalive: float = 15.0,
         replay_cap: int = 5000,
         await_history: bool = False,
+        write_window: float = 0.0,
     ) -> None:
         self._bus = bus
+        self._write_window = write_window
         self._buffer = buffer
         self._buffer_bytes = buffer_bytes
         self._max_payload = max_payload
@@ -299,7 +301,8 @@ class Hub:
         if topic is None:
             topic = self._topics[conversation_id] = Topic(conversation_id)
             self._nursery.start_soon(self._run_topic, topic, name=f"topic {conversation_id}")
-        w = Watcher(topic, Outbox(self._buffer, self._buffer_bytes), owner, resume)
+        outbox = Outbox(self._buffer, self._buffer_bytes, self._write_window)
+        w = Watcher(topic, outbox, owner, resume)
         topic.members.add(w)
         self.watchers += 1
         if owner is not None:
@@ -718,6 +721,7 @@ async def open_hub(
     buffer_bytes: int = 16 * 1024 * 1024,
     replay_cap: int = 5000,
     await_history: bool = False,
+    write_window: float = 0.0,
 ) -> AsyncGenerator[Hub, None]:
     """A running hub; its subscriptions are removed when the block exits."""
     hub = Hub(
@@ -728,6 +732,7 @@ async def open_hub(
         keepalive=keepalive,
         replay_cap=replay_cap,
         await_history=await_history,
+        write_window=write_window,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -11,11 +11,13 @@ import trio
 
 
 class Outbox:
-    __slots__ = ("_max_bytes", "_recv", "_send", "queued_bytes")
+    __slots__ = ("_max_bytes", "_recv", "_send", "_window", "queued_bytes")
 
-    def __init__(self, max_frames: int, max_bytes: int) -> None:
+    def __init__(self, max_frames: int, max_bytes: int, window: float = 0.0) -> None:
         self._send, self._recv = trio.open_memory_channel[bytes](max_frames)
         self._max_bytes = max_bytes
+        # Seconds a frame may wait for others to be written with it (--write-window).
+        self._window = window
         self.queued_bytes = 0
 
     def offer(self, frame: bytes) -> bool:
@@ -70,6 +72,8 @@ class Outbox:
             trio.EndOfChannel: closed and empty.
         """
         first = await self._recv.receive()
+        if self._window > 0:
+            return await self._gather(first, coalesce)
         try:
             second = self._recv.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
@@ -86,3 +90,19 @@ class Outbox:
             pass
         self.queued_bytes -= size
         return b"".join(parts)
+
+    async def _gather(self, first: bytes, coalesce: int) -> bytes:
+        """The write window: after a first frame, wait up to the window for more, so a
+        stream of small frames costs one write per window instead of one per frame."""
+        parts = [first]
+        size = len(first)
+        with trio.move_on_after(self._window):
+            try:
+                while size < coalesce:
+                    frame = await self._recv.receive()
+                    parts.append(frame)
+                    size += len(frame)
+            except trio.EndOfChannel:
+                pass  # the end comes at the next take
+        self.queued_bytes -= size
+        return parts[0] if len(parts) == 1 else b"".join(parts)

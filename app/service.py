@@ -164,6 +164,7 @@ async def run(
                     keepalive=settings.keepalive,
                     replay_cap=settings.replay_cap,
                     await_history=True,
+                    write_window=settings.write_window / 1000,
                 )
             )
 

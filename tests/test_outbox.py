@@ -1,0 +1,66 @@
+"""The watcher's outbox: limits, byte accounting, the write window (MockClock)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from app.outbox import Outbox
+
+
+async def test_offer_respects_both_limits_and_take_gives_the_bytes_back() -> None:
+    box = Outbox(max_frames=3, max_bytes=10)
+    assert box.offer(b"12345")
+    assert not box.offer(b"123456")  # 11 bytes > 10
+    assert box.offer(b"1234")
+    assert box.queued_bytes == 9
+    assert await box.take(1024) == b"123451234"  # what is queued goes as one write
+    assert box.queued_bytes == 0
+    for _ in range(3):
+        assert box.offer(b"x")
+    assert not box.offer(b"x")  # 3 frames
+
+
+async def test_without_a_window_a_lone_frame_is_written_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Outbox(8, 1024)
+    box.offer(b"a")
+    started = trio.current_time()
+    assert await box.take(1024) == b"a"
+    assert trio.current_time() == started
+
+
+async def test_the_write_window_gathers_frames_that_arrive_within_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Outbox(8, 1024, window=0.020)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await box.take(1024))
+        got.append(await box.take(1024))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        box.offer(b"a")
+        await trio.sleep(0.010)
+        box.offer(b"b")  # within the window of "a"
+        await trio.sleep(0.015)
+        box.offer(b"c")  # after it: the next write
+    assert got == [b"ab", b"c"]
+    assert box.queued_bytes == 0
+
+
+async def test_the_window_ends_early_when_the_outbox_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Outbox(8, 1024, window=10.0)
+    box.offer(b"last")
+    box.close()
+    started = trio.current_time()
+    assert await box.take(1024) == b"last"
+    assert trio.current_time() == started
+    with pytest.raises(trio.EndOfChannel):
+        await box.take(1024)
