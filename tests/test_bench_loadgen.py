@@ -6,16 +6,23 @@ a chunk boundary it cannot cross would make a broken server look correct.
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
+from tests.bench import report
 from tests.bench.loadgen import (
     SCENARIOS,
     BodyDecoder,
     Tally,
     Watcher,
     WatchRequest,
+    wait_subs_gone,
     with_overrides,
 )
 
@@ -83,3 +90,89 @@ def test_overrides_are_typed_and_checked() -> None:
     assert (sc.watchers, sc.rate) == (10, 2.5)
     with pytest.raises(SystemExit, match="nope"):
         with_overrides(SCENARIOS["broadcast"], ["nope=1"])
+
+
+def test_resume_scenario_is_1000_watchers_500_behind() -> None:
+    sc = SCENARIOS["resume"]
+    assert sc.watchers == 1000
+    assert sc.messages + 1 - sc.resume_after == 500  # 499 chunks and the final message
+
+
+def test_a_resumed_watcher_sends_its_last_id_and_counts_across_the_disconnect() -> None:
+    tally = Tally()
+    w = Watcher(WatchRequest(CONV, "tok"), expected_final=4, tally=tally)
+    for seq in range(3):
+        w._frame(f"id: e-{seq + 1}\n".encode() + frame(seq), 1)
+    again = w.resumed()
+    assert "\r\nLast-Event-ID: e-3\r\n" in again._request("127.0.0.1", 8000).decode()
+    assert w.req.last_event_id is None  # the first connection's request is unchanged
+    again._frame(b"id: e-3\n" + frame(2), 2)  # replayed again: a duplicate
+    again._frame(b"id: e-4\n" + frame(3), 2)
+    again._frame(b"id: e-5\n" + frame(4, final=True), 5)
+    assert again.seen == {0, 1, 2, 3, 4}
+    assert (tally.duplicates, tally.out_of_order, tally.final_before_chunks) == (1, 0, 0)
+    assert again.final_ns == 5
+
+
+async def test_wait_for_seq_wakes_when_the_event_arrives() -> None:
+    w = Watcher(WatchRequest(CONV, "tok"), expected_final=9, tally=Tally())
+    reached = trio.Event()
+
+    async def waiter() -> None:
+        await w.wait_for_seq(2)
+        reached.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            for seq in range(2):
+                w._frame(frame(seq), 1)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not reached.is_set()
+            w._frame(frame(2), 1)
+            await reached.wait()
+
+
+async def test_subscriptions_count_as_gone_at_the_servers_baseline() -> None:
+    """With history on, chatwatch keeps one subscription for its JetStream replies:
+    the watchers' subscriptions are gone when that one is all that is left."""
+    connz = {"connections": [{"name": "chatwatch", "subscriptions": 1}]}
+    body = json.dumps(connz).encode()
+
+    async def monitor(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.0 200 OK\r\n\r\n" + body)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, monitor, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            zero_ms, left = await wait_subs_gone(f"http://127.0.0.1:{port}", baseline=1)
+            nursery.cancel_scope.cancel()
+    assert zero_ms is not None
+    assert left == 0
+
+
+def write_result(folder: Path, name: str, scenario: str, run: dict[str, Any]) -> None:
+    (folder / f"{name}-{scenario}.json").write_text(json.dumps({"runs": [run]}))
+
+
+def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Path) -> None:
+    write_result(tmp_path, "cw", "broadcast", {"ok": True, "delivery": {"events_per_s": 100.0}})
+    write_result(tmp_path, "cw-h", "broadcast", {"ok": True, "delivery": {"events_per_s": 90.0}})
+    write_result(tmp_path, "cw", "idle", {"ok": True, "idle": {"rss_kb_per_watcher": 40.0}})
+    write_result(tmp_path, "cw-h", "idle", {"ok": True, "idle": {"rss_kb_per_watcher": 48.0}})
+    resume = {"ok": True, "resume": {"catchup_ms": {"p50": 700.0}, "all_caught_up_s": 2.5}}
+    write_result(tmp_path, "cw-h", "resume", resume)
+    text = report.build(tmp_path, "cw", ["asyncio"], ["broadcast", "idle", "resume"], "cw-h")
+    assert "delivered events/s, history on ÷ off: 0.90x (target ≥ 0.8x): met" in text
+    assert "RSS per idle watcher, history on ÷ off: 1.20x (target ≤ 1.1x): NOT met" in text
+    assert "| resume | catch-up p50 ms ↓ | 700 | n/a | - |" in text
+    assert "| resume | all caught up s ↓ | 2.50 |" in text
+    # No peer resumes: the comparison with the peers leaves the scenario out.
+    head, _, _ = text.partition("History on")
+    assert "| resume |" not in head

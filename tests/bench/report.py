@@ -2,7 +2,7 @@
 
     python tests/bench/report.py [--results bench-results] [--name chatwatch]
         [--peers asyncio,node] [--scenarios broadcast,...,broadcast-natsdefaults]
-        [--out bench-results/summary.md]
+        [--history chatwatch-history] [--out bench-results/summary.md]
 
 The benchmark driver (tests/bench/run.py, or the independent cross-check harness)
 writes one file per target and scenario, ``<results>/<name>-<scenario><suffix>.json``:
@@ -12,6 +12,10 @@ not marked ``disturbed`` are used (all of them if every run was disturbed), as t
 harness does. Figures are medians over those runs; missing / duplicate / out-of-order
 counts and silent watchers are the maximum over every run without an error, so a
 single bad run shows. ``nox -s bench`` runs this after the harness.
+
+``--history NAME`` adds chatwatch with history on (the runs named NAME: broadcast, idle,
+resume) against --name's runs (history off), with the on/off ratios issue 8 sets as
+targets. No peer resumes, so the resume scenario is shown there only, chatwatch alone.
 """
 
 from __future__ import annotations
@@ -172,6 +176,11 @@ def rows_for(scenario: str) -> list[Row]:
         rows.append(Row("connect 5000 watchers s ↓", median_of("connect.t_all_ok_s", 2)))
     elif scenario == "churn":
         rows.append(Row("silent watchers (max) ↓", silent_watchers, ratio=False))
+    elif scenario == "resume":
+        for p in ("p50", "p99", "max"):
+            rows.append(Row(f"catch-up {p} ms ↓", median_of(f"resume.catchup_ms.{p}", 0)))
+        rows.append(Row("all caught up s ↓", median_of("resume.all_caught_up_s", 2)))
+        rows.append(Row("replayed events/s ↑", median_of("resume.replayed_events_per_s", 0)))
     elif scenario == DEFAULT_LIMITS:
         rows.append(Row("delivered % ↑", delivered_percent))
         rows.append(Row("NATS slow consumers (max)", slow_consumers, ratio=False))
@@ -230,9 +239,61 @@ LEGEND = (
 )
 
 
-def build(results: Path, name: str, peers: Sequence[str], scenarios: Sequence[str]) -> str:
-    lines = table(results, name, peers, scenarios)
-    return "\n".join([*lines, "", LEGEND.format(name=name), ""])
+# History on vs off, measured in one invocation (issue 8's targets): the row's metric
+# path, the scenario it comes from, the bound on on/off, and which side of it is met.
+HISTORY_TARGETS = (
+    ("broadcast", "delivery.events_per_s", "delivered events/s", 0.8, "≥"),
+    ("idle", "idle.rss_kb_per_watcher", "RSS per idle watcher", 1.1, "≤"),
+)
+HISTORY_SCENARIOS = ("broadcast", "idle", "resume")
+
+
+def history_targets(results: Path, on: str, off: str) -> list[str]:
+    """One line per target: the on/off ratio of the medians and whether it is met."""
+    lines = []
+    for scenario, path, label, bound, side in HISTORY_TARGETS:
+        ours, base = load(results, on, scenario), load(results, off, scenario)
+        if ours is None or base is None:
+            continue
+        a, b = median(ours.used, path), median(base.used, path)
+        if a is None or b is None or b == 0:
+            lines.append(f"- {label}, history on ÷ off: no figure (a run failed)")
+            continue
+        value = a / b
+        met = value >= bound if side == "≥" else value <= bound
+        verdict = "met" if met else "NOT met"
+        lines.append(
+            f"- {label}, history on ÷ off: {value:.2f}x (target {side} {bound}x): {verdict}"
+        )
+    return lines
+
+
+def history_section(results: Path, on: str, off: str, scenarios: Sequence[str]) -> list[str]:
+    """chatwatch with history on (JetStream) against itself with history off; empty
+    when the history-on run was not made."""
+    shown = [s for s in HISTORY_SCENARIOS if s in scenarios]
+    if not any(load(results, on, s) is not None for s in shown):
+        return []
+    lines = [f"History on ({on}: --history on, nats-server -js) vs off ({off}):", ""]
+    lines += table(results, on, [off], shown)
+    return [*lines, "", *history_targets(results, on, off), ""]
+
+
+def build(
+    results: Path,
+    name: str,
+    peers: Sequence[str],
+    scenarios: Sequence[str],
+    history: str | None = None,
+) -> str:
+    """The comparison with the peers (resume left out: no peer resumes), then, with
+    `history`, the history-on section."""
+    compared = [s for s in scenarios if s != "resume"]
+    lines = table(results, name, peers, compared) if compared else []
+    lines = [*lines, "", LEGEND.format(name=name), ""] if compared else []
+    if history is not None:
+        lines += history_section(results, history, name, scenarios)
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,11 +307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated; {DEFAULT_LIMITS}: the broadcast run with nats-server's"
         " default limits (run.py --nats-default-limits --suffix=" + DEFAULT_LIMITS_SUFFIX + ")",
     )
+    ap.add_argument(
+        "--history",
+        metavar="NAME",
+        help="the result name of the history-on runs (broadcast, idle, resume): adds a"
+        " table of them against --name's, with issue 8's on/off targets",
+    )
     ap.add_argument("--out", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     peers = [p for p in args.peers.split(",") if p]
-    text = build(args.results, args.name, peers, scenarios)
+    text = build(args.results, args.name, peers, scenarios, args.history)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
