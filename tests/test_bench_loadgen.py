@@ -112,6 +112,18 @@ def test_a_resumed_watcher_sends_its_last_id_and_counts_across_the_disconnect() 
     assert again.seen == {0, 1, 2, 3, 4}
     assert (tally.duplicates, tally.out_of_order, tally.final_before_chunks) == (1, 0, 0)
     assert again.final_ns == 5
+    assert again.settled.is_set()
+
+
+def test_an_error_event_settles_a_resumed_watcher() -> None:
+    """A resume the server could not serve ends the wait for that watcher (it is
+    counted as not caught up) instead of holding the run to its deadline."""
+    w = Watcher(WatchRequest(CONV, "tok", last_event_id="e-3"), expected_final=4, tally=Tally())
+    error = {"event": "error", "data": "history not available: the replay failed"}
+    w._frame(b"data: " + json.dumps(error).encode(), 1)
+    assert w.settled.is_set()
+    assert not w.final_event.is_set()
+    assert w.tally.errors == ["history not available: the replay failed"]
 
 
 async def test_wait_for_seq_wakes_when_the_event_arrives() -> None:
@@ -166,13 +178,22 @@ def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Pa
     write_result(tmp_path, "cw-h", "broadcast", {"ok": True, "delivery": {"events_per_s": 90.0}})
     write_result(tmp_path, "cw", "idle", {"ok": True, "idle": {"rss_kb_per_watcher": 40.0}})
     write_result(tmp_path, "cw-h", "idle", {"ok": True, "idle": {"rss_kb_per_watcher": 48.0}})
-    resume = {"ok": True, "resume": {"catchup_ms": {"p50": 700.0}, "all_caught_up_s": 2.5}}
+    resume = {
+        "ok": True,
+        "resume": {
+            "watchers": 1000,
+            "caught_up": 1000,
+            "catchup_ms": {"p50": 700.0},
+            "all_caught_up_s": 2.5,
+        },
+    }
     write_result(tmp_path, "cw-h", "resume", resume)
     text = report.build(tmp_path, "cw", ["asyncio"], ["broadcast", "idle", "resume"], "cw-h")
     assert "delivered events/s, history on ÷ off: 0.90x (target ≥ 0.8x): met" in text
     assert "RSS per idle watcher, history on ÷ off: 1.20x (target ≤ 1.1x): NOT met" in text
     assert "| resume | catch-up p50 ms ↓ | 700 | n/a | - |" in text
     assert "| resume | all caught up s ↓ | 2.50 |" in text
+    assert "| resume | watchers caught up (min) | 1,000 / 1,000 |" in text
     # No peer resumes: the comparison with the peers leaves the scenario out.
     head, _, _ = text.partition("History on")
     assert "| resume |" not in head

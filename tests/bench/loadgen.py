@@ -179,6 +179,9 @@ class Watcher:
         self.closed_ns = 0
         self.ok_event = trio.Event()
         self.final_event = trio.Event()
+        # the final message, an error event or the end of the stream: nothing more is
+        # owed to a resumed watcher, which is not waited for beyond it
+        self.settled = trio.Event()
         self.stream: trio.SocketStream | None = None
         # wait_for_seq's wake-up: checked per frame only against an int, so that the
         # frame path of broadcast (the loadgen's ceiling) stays as it was.
@@ -214,6 +217,7 @@ class Watcher:
         finally:
             self.closed_ns = time.monotonic_ns()
             self._progress.set()
+            self.settled.set()
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.aclose()
 
@@ -289,6 +293,7 @@ class Watcher:
             return
         if event == "error" or not isinstance(data, dict) or "seq" not in data:
             tally.errors.append(str(data)[:200])
+            self.settled.set()
             return
         tally.frames += 1
         if data.get("conv") != self.req.conversation:
@@ -313,6 +318,7 @@ class Watcher:
                 tally.final_before_chunks += 1
             self.final_ns = now
             self.final_event.set()
+            self.settled.set()
 
     def abort(self, *, reset: bool) -> None:
         """Drop the connection abruptly: FIN, or RST when `reset` (SO_LINGER 0)."""
@@ -573,8 +579,8 @@ async def start_all(
     until_final: bool = False,
 ) -> float:
     """Run every watcher in `nursery`, at most connect_concurrency of them between
-    connecting and `:ok` at once; seconds until each has `:ok` (or the final message
-    too, with `until_final`)."""
+    connecting and `:ok` at once; seconds until each has `:ok` (or, with `until_final`,
+    is settled: the final message, an error event, or the end of its stream)."""
     limiter = trio.CapacityLimiter(sc.connect_concurrency)
     started = time.monotonic_ns()
 
@@ -583,7 +589,7 @@ async def start_all(
             nursery.start_soon(w.run, target.host, target.port, started)
             await w.ok_event.wait()
         if until_final:
-            await w.final_event.wait()
+            await w.settled.wait()
 
     async with trio.open_nursery() as connecting:
         for w in watchers:
@@ -904,17 +910,21 @@ async def run_resume(target: Target, sc: Scenario) -> dict[str, Any]:
         total_s = (time.monotonic_ns() - started) / 1e9
         result["phases"]["delivery"] = phase.end()
         result["rss_kb"] = {"caught_up": rss_kb(target.server_pid)}
+        # Percentiles over the watchers that caught up; `caught_up` says how many did.
         catchup = sorted((w.final_ns - started) / 1e6 for w in resumed if w.final_ns)
+        everyone = len(catchup) == len(resumed)
         result["resume"] = {
             "behind": behind,
+            "watchers": len(resumed),
             "caught_up": len(catchup),
             "catchup_ms": {
                 "p50": percentile(catchup, 50),
                 "p99": percentile(catchup, 99),
                 "max": catchup[-1] if catchup else None,
             },
-            "all_caught_up_s": round(total_s, 3),
-            "replayed_events_per_s": round(len(resumed) * behind / total_s, 1),
+            "all_caught_up_s": round(total_s, 3) if everyone else None,
+            "settled_s": round(total_s, 3),
+            "replayed_events_per_s": round(len(catchup) * behind / total_s, 1),
         }
         result["delivery"] = delivery_summary(resumed, tally, sc.messages + 1, total_s)
         if catchup_scope.cancelled_caught:

@@ -177,6 +177,7 @@ def rows_for(scenario: str) -> list[Row]:
     elif scenario == "churn":
         rows.append(Row("silent watchers (max) ↓", silent_watchers, ratio=False))
     elif scenario == "resume":
+        rows.append(Row("watchers caught up (min)", caught_up, ratio=False))
         for p in ("p50", "p99", "max"):
             rows.append(Row(f"catch-up {p} ms ↓", median_of(f"resume.catchup_ms.{p}", 0)))
         rows.append(Row("all caught up s ↓", median_of("resume.all_caught_up_s", 2)))
@@ -188,6 +189,15 @@ def rows_for(scenario: str) -> list[Row]:
         rows.append(Row("subscriptions gone after close ms ↓", subs_gone))
     rows.append(Row("missing / dup / out-of-order (max)", missing_dup_ooo, ratio=False))
     return rows
+
+
+def caught_up(res: Result) -> Cell:
+    """Resumed watchers that received every event they were behind, of all of them,
+    in the worst run."""
+    runs = res.completed
+    got = [v for v in (lookup(r, "resume.caught_up") for r in runs) if v is not None]
+    of = maximum(runs, "resume.watchers")
+    return Cell(None, f"{count(min(got))} / {count(of)}") if got else NO_VALUE
 
 
 def slow_consumers(res: Result) -> Cell:
