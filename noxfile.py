@@ -71,10 +71,16 @@ def bench(session: nox.Session) -> None:
 
     root = Path(__file__).resolve().parent
     out = root / "bench-results"
-    ap = argparse.ArgumentParser(prog="nox -s bench --")
-    ap.add_argument("--scenarios", default=BENCH_SCENARIOS)
+    ap = argparse.ArgumentParser(
+        prog="nox -s bench --",
+        epilog="Any other option goes to tests/bench/run.py (--set KEY=VALUE, --suffix, ...:"
+        " python tests/bench/run.py --help).",
+    )
+    ap.add_argument("--scenarios", default=BENCH_SCENARIOS, help=f"default: {BENCH_SCENARIOS}")
     ap.add_argument("--repeat", default="1")
-    ap.add_argument("--peers", default=None, help="default: asyncio (own), asyncio,node (shared)")
+    ap.add_argument(
+        "--peers", default=None, help="default: asyncio (own), asyncio,node (shared); '': none"
+    )
     ap.add_argument("--harness", choices=["own", "shared"], default="own")
     ap.add_argument(
         "--no-history", action="store_true", help="skip chatwatch with history on (own harness)"
@@ -87,11 +93,9 @@ def bench(session: nox.Session) -> None:
         if opts.no_history or opts.harness != "own"
         else [s for s in scenarios if s in BENCH_HISTORY_SCENARIOS]
     )
-    peers = [
-        p
-        for p in (opts.peers or ("asyncio" if opts.harness == "own" else "asyncio,node")).split(",")
-        if p
-    ]
+    default_peers = "asyncio" if opts.harness == "own" else "asyncio,node"
+    # `--peers ''`: chatwatch alone (e.g. history on vs off only)
+    peers = [p for p in (default_peers if opts.peers is None else opts.peers).split(",") if p]
     out.mkdir(exist_ok=True)
 
     # The harness gives every watcher of a conversation the same token (1000 per session
