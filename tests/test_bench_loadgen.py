@@ -186,6 +186,7 @@ def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Pa
             "catchup_ms": {"p50": 700.0},
             "all_caught_up_s": 2.5,
         },
+        "delivery": {"error_events": 3},
     }
     write_result(tmp_path, "cw-h", "resume", resume)
     text = report.build(tmp_path, "cw", ["asyncio"], ["broadcast", "idle", "resume"], "cw-h")
@@ -194,6 +195,7 @@ def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Pa
     assert "| resume | catch-up p50 ms ↓ | 700 | n/a | - |" in text
     assert "| resume | all caught up s ↓ | 2.50 |" in text
     assert "| resume | watchers caught up (min) | 1,000 / 1,000 |" in text
+    assert "| resume | error events (max) ↓ | 3 |" in text
     # No peer resumes: the comparison with the peers leaves the scenario out.
     head, _, _ = text.partition("History on")
     assert "| resume |" not in head

@@ -733,6 +733,7 @@ async def run_broadcast_like(target: Target, sc: Scenario) -> dict[str, Any]:
         all(w.status == 200 for w in watchers)
         and result["delivery"]["missing"] == 0
         and tally.duplicates == tally.out_of_order == tally.misrouted == tally.bad_frames == 0
+        and not tally.errors  # e.g. a late join whose replay failed (history on)
         and left == 0
     )
     return result

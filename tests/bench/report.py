@@ -182,6 +182,7 @@ def rows_for(scenario: str) -> list[Row]:
             rows.append(Row(f"catch-up {p} ms ↓", median_of(f"resume.catchup_ms.{p}", 0)))
         rows.append(Row("all caught up s ↓", median_of("resume.all_caught_up_s", 2)))
         rows.append(Row("replayed events/s ↑", median_of("resume.replayed_events_per_s", 0)))
+        rows.append(Row("error events (max) ↓", error_events, ratio=False))
     elif scenario == DEFAULT_LIMITS:
         rows.append(Row("delivered % ↑", delivered_percent))
         rows.append(Row("NATS slow consumers (max)", slow_consumers, ratio=False))
@@ -189,6 +190,11 @@ def rows_for(scenario: str) -> list[Row]:
         rows.append(Row("subscriptions gone after close ms ↓", subs_gone))
     rows.append(Row("missing / dup / out-of-order (max)", missing_dup_ooo, ratio=False))
     return rows
+
+
+def error_events(res: Result) -> Cell:
+    runs = res.completed
+    return Cell(None, count(maximum(runs, "delivery.error_events"))) if runs else NO_VALUE
 
 
 def caught_up(res: Result) -> Cell:
