@@ -174,7 +174,13 @@ def write_result(folder: Path, name: str, scenario: str, run: dict[str, Any]) ->
 
 
 def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Path) -> None:
-    write_result(tmp_path, "cw", "broadcast", {"ok": True, "delivery": {"events_per_s": 100.0}})
+    delivery = {"phases": {"delivery": {"wall_s": 2.0, "server": {"util": 0.5}}}}
+    write_result(
+        tmp_path,
+        "cw",
+        "broadcast",
+        {"ok": True, "delivery": {"events_per_s": 100.0, "unique": 200_000}, **delivery},
+    )
     write_result(tmp_path, "cw-h", "broadcast", {"ok": True, "delivery": {"events_per_s": 90.0}})
     write_result(tmp_path, "cw", "idle", {"ok": True, "idle": {"rss_kb_per_watcher": 40.0}})
     write_result(tmp_path, "cw-h", "idle", {"ok": True, "idle": {"rss_kb_per_watcher": 48.0}})
@@ -193,6 +199,8 @@ def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Pa
     assert "delivered events/s, history on ÷ off: 0.90x (target ≥ 0.8x): met" in text
     assert "RSS per idle watcher, history on ÷ off: 1.20x (target ≤ 1.1x): NOT met" in text
     assert "| resume | catch-up p50 ms ↓ | 700 | n/a | - |" in text
+    # 1 s of CPU over 200k events; the history run has no CPU figure: no ratio
+    assert "| broadcast | server CPU us per delivered event ↓ | - | 5.00 | - |" in text
     assert "| resume | all caught up s ↓ | 2.50 |" in text
     assert "| resume | watchers caught up (min) | 1,000 / 1,000 |" in text
     assert "| resume | error events (max) ↓ | 3 |" in text

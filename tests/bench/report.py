@@ -166,6 +166,7 @@ def rows_for(scenario: str) -> list[Row]:
     rows = [Row("runs ok", runs_ok, ratio=False)]
     if scenario == "broadcast":
         rows.append(Row("delivered events/s ↑", median_of("delivery.events_per_s", 0)))
+        rows.append(Row("server CPU us per delivered event ↓", server_us_per_event))
     elif scenario == "paced":
         rows.append(Row("latency p50 ms ↓", median_of("delivery.latency_ms.p50", 1)))
         rows.append(Row("latency p99 ms ↓", median_of("delivery.latency_ms.p99", 1)))
@@ -190,6 +191,19 @@ def rows_for(scenario: str) -> list[Row]:
         rows.append(Row("subscriptions gone after close ms ↓", subs_gone))
     rows.append(Row("missing / dup / out-of-order (max)", missing_dup_ooo, ratio=False))
     return rows
+
+
+def server_us_per_event(res: Result) -> Cell:
+    """The server's CPU time over the delivery phase per event delivered: its cost even
+    where the load generator, not the server, limited events/s."""
+    costs = [
+        util * wall * 1e6 / unique
+        for r in res.used
+        if (util := lookup(r, "phases.delivery.server.util")) is not None
+        and (wall := lookup(r, "phases.delivery.wall_s")) is not None
+        and (unique := lookup(r, "delivery.unique"))
+    ]
+    return number(statistics.median(costs), 2) if costs else NO_VALUE
 
 
 def error_events(res: Result) -> Cell:
