@@ -19,6 +19,7 @@ from tests.bench import report
 from tests.bench.loadgen import (
     SCENARIOS,
     BodyDecoder,
+    Publisher,
     Tally,
     Watcher,
     WatchRequest,
@@ -207,3 +208,23 @@ def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Pa
     # No peer resumes: the comparison with the peers leaves the scenario out.
     head, _, _ = text.partition("History on")
     assert "| resume |" not in head
+
+
+async def test_publisher_answers_a_ping_while_a_publish_is_being_written() -> None:
+    """nats-server PINGs every 2 minutes: the PONG must wait for a publish that is
+    mid-write, not fail it (a long broadcast run died with BusyResourceError)."""
+    ours, server = trio.testing.lockstep_stream_pair()
+    pub = Publisher(ours)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pub._read)
+            pub.pub("chat.chunk.x", b"{}")
+            nursery.start_soon(pub.send)  # blocks: nobody reads the server side yet
+            await trio.testing.wait_all_tasks_blocked()
+            await server.send_all(b"PING\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            got = b""
+            while not got.endswith(b"PONG\r\n"):
+                got += await server.receive_some()
+            nursery.cancel_scope.cancel()
+    assert got == b"PUB chat.chunk.x 2\r\n{}\r\nPONG\r\n"

@@ -339,8 +339,11 @@ class Watcher:
 class Publisher:
     """PUB over NATS's text protocol; `flush` is a PING answered by a PONG."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        # The reader answers the server's PING (every 2 minutes) while a publish may be
+        # mid-write: one writer at a time, or trio raises BusyResourceError.
+        self._send_lock = trio.StrictFIFOLock()
         self._pongs = 0
         self._pong_seen = trio.Event()
         self._out: list[bytes] = []
@@ -372,13 +375,17 @@ class Publisher:
             while b"\r\n" in buf:
                 line, buf = buf.split(b"\r\n", 1)
                 if line == b"PING":
-                    await self._stream.send_all(b"PONG\r\n")
+                    await self._send(b"PONG\r\n")
                 elif line == b"PONG":
                     self._pongs += 1
                     self._pong_seen.set()
                     self._pong_seen = trio.Event()
                 elif line.startswith(b"-ERR"):
                     raise RuntimeError(f"loadgen: NATS said {line.decode(errors='replace')}")
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._stream.send_all(data)
 
     def pub(self, subject: str, payload: bytes) -> None:
         self._out.append(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
@@ -387,12 +394,12 @@ class Publisher:
     async def send(self) -> None:
         if self._out:
             out, self._out = b"".join(self._out), []
-            await self._stream.send_all(out)
+            await self._send(out)
 
     async def flush(self) -> None:
         await self.send()
         target = self._pongs + 1
-        await self._stream.send_all(b"PING\r\n")
+        await self._send(b"PING\r\n")
         while self._pongs < target:
             await self._pong_seen.wait()
 
