@@ -831,6 +831,8 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
     result["delivery"] = {
         "watchers": len(finished),
         "aborted_early": aborted_early,
+        # dropped after 30 s without `:ok` (each such watcher holds its wave that long)
+        "never_ok": sum(1 for w in finished if not w.ok_ns),
         "owed": owed_total,
         "missing": missing,
         "silent_watchers": silent,
