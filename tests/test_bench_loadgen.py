@@ -205,6 +205,10 @@ def test_report_gives_the_history_on_off_ratios_against_the_targets(tmp_path: Pa
     assert "| resume | all caught up s ↓ | 2.50 |" in text
     assert "| resume | watchers caught up (min) | 1,000 / 1,000 |" in text
     assert "| resume | error events (max) ↓ | 3 |" in text
+    # Only the scenarios asked for: an idle result left from an earlier run is not used.
+    text = report.build(tmp_path, "cw", [], ["broadcast", "resume"], "cw-h")
+    assert "history on ÷ off: 0.90x" in text
+    assert "RSS per idle watcher" not in text
     # No peer resumes: the comparison with the peers leaves the scenario out.
     head, _, _ = text.partition("History on")
     assert "| resume |" not in head

@@ -278,10 +278,13 @@ HISTORY_TARGETS = (
 HISTORY_SCENARIOS = ("broadcast", "idle", "resume")
 
 
-def history_targets(results: Path, on: str, off: str) -> list[str]:
-    """One line per target: the on/off ratio of the medians and whether it is met."""
+def history_targets(results: Path, on: str, off: str, scenarios: Sequence[str]) -> list[str]:
+    """One line per target of `scenarios`: the on/off ratio of the medians and whether
+    it is met (results of scenarios not asked for may be left from an earlier run)."""
     lines = []
     for scenario, path, label, bound, side in HISTORY_TARGETS:
+        if scenario not in scenarios:
+            continue
         ours, base = load(results, on, scenario), load(results, off, scenario)
         if ours is None or base is None:
             continue
@@ -306,7 +309,7 @@ def history_section(results: Path, on: str, off: str, scenarios: Sequence[str]) 
         return []
     lines = [f"History on ({on}: --history on, nats-server -js) vs off ({off}):", ""]
     lines += table(results, on, [off], shown)
-    return [*lines, "", *history_targets(results, on, off), ""]
+    return [*lines, "", *history_targets(results, on, off, shown), ""]
 
 
 def build(
