@@ -38,7 +38,11 @@ def format_(session: nox.Session) -> None:
     session.run("ruff", "format", "app", "tests", "noxfile.py")
 
 
-BENCH_SCENARIOS = "broadcast,paced,many,idle,churn"
+BENCH_SCENARIOS = "broadcast,paced,many,idle,churn,resume"
+# chatwatch with history on (JetStream) runs these; the peers and chatwatch with history
+# off run the rest, resume excepted (it needs event ids: no peer has them).
+BENCH_HISTORY_SCENARIOS = ("broadcast", "idle", "resume")
+BENCH_HISTORY_NAME = "chatwatch-history"
 # run.py --suffix for the broadcast run against nats-server's default limits; report.py
 # knows that result as the scenario "broadcast-natsdefaults".
 BENCH_DEFAULTS_SUFFIX = "-natsdefaults"
@@ -52,6 +56,9 @@ def bench(session: nox.Session) -> None:
 
     `nox -s bench -- --scenarios broadcast --repeat 2 [--set watchers=100] [run.py options]`
     prints one table with ratios and writes bench-results/ (summary.md, JSON, logs).
+    chatwatch runs twice: with `--history off` against the peers, and with `--history on`
+    against a nats-server with JetStream (broadcast, idle, resume; `--no-history` skips it),
+    and the table gives the on/off ratios.
     `nox -s bench -- --harness shared` runs the independent cross-check harness instead
     (../shared/bench, or CHATWATCH_BENCH_DIR), where there is one.
     """
@@ -64,18 +71,31 @@ def bench(session: nox.Session) -> None:
 
     root = Path(__file__).resolve().parent
     out = root / "bench-results"
-    ap = argparse.ArgumentParser(prog="nox -s bench --")
-    ap.add_argument("--scenarios", default=BENCH_SCENARIOS)
+    ap = argparse.ArgumentParser(
+        prog="nox -s bench --",
+        epilog="Any other option goes to tests/bench/run.py (--set KEY=VALUE, --suffix, ...:"
+        " python tests/bench/run.py --help).",
+    )
+    ap.add_argument("--scenarios", default=BENCH_SCENARIOS, help=f"default: {BENCH_SCENARIOS}")
     ap.add_argument("--repeat", default="1")
-    ap.add_argument("--peers", default=None, help="default: asyncio (own), asyncio,node (shared)")
+    ap.add_argument(
+        "--peers", default=None, help="default: asyncio (own), asyncio,node (shared); '': none"
+    )
     ap.add_argument("--harness", choices=["own", "shared"], default="own")
+    ap.add_argument(
+        "--no-history", action="store_true", help="skip chatwatch with history on (own harness)"
+    )
     opts, run_py_args = ap.parse_known_args(session.posargs)
     scenarios = [s for s in opts.scenarios.split(",") if s]
-    peers = [
-        p
-        for p in (opts.peers or ("asyncio" if opts.harness == "own" else "asyncio,node")).split(",")
-        if p
-    ]
+    compared = [s for s in scenarios if s != "resume"]
+    history = (
+        []
+        if opts.no_history or opts.harness != "own"
+        else [s for s in scenarios if s in BENCH_HISTORY_SCENARIOS]
+    )
+    default_peers = "asyncio" if opts.harness == "own" else "asyncio,node"
+    # `--peers ''`: chatwatch alone (e.g. history on vs off only)
+    peers = [p for p in (default_peers if opts.peers is None else opts.peers).split(",") if p]
     out.mkdir(exist_ok=True)
 
     # The harness gives every watcher of a conversation the same token (1000 per session
@@ -86,7 +106,7 @@ def bench(session: nox.Session) -> None:
         " --max-watchers-per-session 20000"
     )
     targets: list[tuple[str, list[str]]] = [
-        ("chatwatch", ["--name", "chatwatch", "--server-cmd", server_cmd]),
+        ("chatwatch", ["--name", "chatwatch", "--server-cmd", server_cmd + " --history off"]),
         *((p, ["--peer", p]) for p in peers),
     ]
     if opts.harness == "own":
@@ -105,8 +125,16 @@ def bench(session: nox.Session) -> None:
         except nox.command.CommandFailed:
             failed.append(label)
 
-    for name, target in targets:
-        run_py(name, *target, "--scenarios", ",".join(scenarios))
+    if compared:
+        for name, target in targets:
+            run_py(name, *target, "--scenarios", ",".join(compared))
+    if history:
+        run_py(
+            BENCH_HISTORY_NAME,
+            *("--name", BENCH_HISTORY_NAME, "--jetstream"),
+            *("--server-cmd", server_cmd + " --history on"),
+            *("--scenarios", ",".join(history)),
+        )
     report_scenarios = list(scenarios)
     if "broadcast" in scenarios:
         report_scenarios.append("broadcast" + BENCH_DEFAULTS_SUFFIX)
@@ -135,6 +163,7 @@ def bench(session: nox.Session) -> None:
         ",".join(report_scenarios),
         "--out",
         str(out / "summary.md"),
+        *(("--history", BENCH_HISTORY_NAME) if history else ()),
     )
     if failed:
         session.error(f"harness runs failed: {', '.join(failed)}")

@@ -12,10 +12,10 @@ line and its `data:` JSON carries this generator's conversation, sequence and ti
 The NATS publisher speaks the text protocol directly (PUB, PING/PONG) for the same
 reason, and so that the generator needs nothing beyond trio.
 
-Resume (a later scenario): every watcher keeps the last `id:` it saw, and
-`WatchRequest.last_event_id` sends it back as `Last-Event-ID` on a new connection, so
-a scenario can disconnect watchers and resume them; events carry their `seq`, so the
-same accounting (missing, duplicate, out of order) applies to a replay.
+Resume (the `resume` scenario, a server with history on): every watcher keeps the last
+`id:` it saw, and `Watcher.resumed` opens a new connection that sends it back as
+`Last-Event-ID`, carrying over what was already received, so the same accounting
+(missing, duplicate, out of order) runs across the disconnect and the replay.
 
 The result is one JSON object (see `Result`), the shape `tests/bench/report.py` reads.
 """
@@ -60,8 +60,9 @@ class Scenario:
     churn_waves: int = 0
     churn_abort_fraction: float = 0.1
     churn_receive_s: float = 1.0
-    # the resume hook: reconnect every watcher once, after this many chunks, sending
-    # the last id it saw as Last-Event-ID (0: never; needs a server that writes ids)
+    # resume: every watcher is dropped after this many chunks, the rest (messages - this
+    # chunks + the final) is published while they are away, then all reconnect sending
+    # the last id they saw as Last-Event-ID (0: never; needs a server that writes ids)
     resume_after: int = 0
     deadline_s: float = 120.0  # the whole delivery phase must end within this
 
@@ -72,6 +73,8 @@ SCENARIOS: dict[str, Scenario] = {
     "many": Scenario(conversations=1000, watchers=1, messages=20),
     "idle": Scenario(conversations=1000, watchers=5, messages=1, idle_s=10.0),
     "churn": Scenario(conversations=100, watchers=20, messages=0, rate=2000.0, churn_waves=5),
+    # 100 events live, then each watcher 500 behind (499 chunks and the final message)
+    "resume": Scenario(conversations=1, watchers=1000, messages=599, resume_after=100),
 }
 
 
@@ -172,10 +175,35 @@ class Watcher:
         self.last_id: str | None = None
         self.ttfb_ns = 0
         self.ok_ns = 0  # when `:ok` arrived (0: not yet)
+        self.final_ns = 0  # when the final message arrived (0: not yet)
         self.closed_ns = 0
         self.ok_event = trio.Event()
         self.final_event = trio.Event()
+        # the final message, an error event or the end of the stream: nothing more is
+        # owed to a resumed watcher, which is not waited for beyond it
+        self.settled = trio.Event()
         self.stream: trio.SocketStream | None = None
+        # wait_for_seq's wake-up: checked per frame only against an int, so that the
+        # frame path of broadcast (the loadgen's ceiling) stays as it was.
+        self._wake_at = sys.maxsize
+        self._progress = trio.Event()
+
+    def resumed(self) -> Watcher:
+        """A new connection for this watcher sending the last id it saw: what it already
+        received carries over, so a replayed duplicate or a skipped event counts."""
+        req = replace(self.req, last_event_id=self.last_id)
+        again = Watcher(req, self.expected_final, self.tally)
+        again.seen = self.seen
+        again.highest = self.highest
+        again.last_id = self.last_id
+        return again
+
+    async def wait_for_seq(self, seq: int) -> None:
+        """Until an event numbered `seq` or later has arrived, or the stream has ended."""
+        while self.highest < seq and not self.closed_ns:
+            self._wake_at = seq
+            self._progress = trio.Event()
+            await self._progress.wait()
 
     async def run(self, host: str, port: int, started_ns: int) -> None:
         """Connect, read the head, then frames until EOF or cancellation."""
@@ -188,6 +216,8 @@ class Watcher:
             pass  # the server hung up, or `abort` closed the socket under us
         finally:
             self.closed_ns = time.monotonic_ns()
+            self._progress.set()
+            self.settled.set()
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.aclose()
 
@@ -263,6 +293,7 @@ class Watcher:
             return
         if event == "error" or not isinstance(data, dict) or "seq" not in data:
             tally.errors.append(str(data)[:200])
+            self.settled.set()
             return
         tally.frames += 1
         if data.get("conv") != self.req.conversation:
@@ -280,10 +311,14 @@ class Watcher:
         self.seen.add(seq)
         self.highest = max(self.highest, seq)
         tally.latencies_ns.append(now - data["ts"])
+        if seq >= self._wake_at:
+            self._progress.set()
         if final:
             if len(self.seen) < self.expected_final + 1:
                 tally.final_before_chunks += 1
+            self.final_ns = now
             self.final_event.set()
+            self.settled.set()
 
     def abort(self, *, reset: bool) -> None:
         """Drop the connection abruptly: FIN, or RST when `reset` (SO_LINGER 0)."""
@@ -304,8 +339,11 @@ class Watcher:
 class Publisher:
     """PUB over NATS's text protocol; `flush` is a PING answered by a PONG."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        # The reader answers the server's PING (every 2 minutes) while a publish may be
+        # mid-write: one writer at a time, or trio raises BusyResourceError.
+        self._send_lock = trio.StrictFIFOLock()
         self._pongs = 0
         self._pong_seen = trio.Event()
         self._out: list[bytes] = []
@@ -337,13 +375,17 @@ class Publisher:
             while b"\r\n" in buf:
                 line, buf = buf.split(b"\r\n", 1)
                 if line == b"PING":
-                    await self._stream.send_all(b"PONG\r\n")
+                    await self._send(b"PONG\r\n")
                 elif line == b"PONG":
                     self._pongs += 1
                     self._pong_seen.set()
                     self._pong_seen = trio.Event()
                 elif line.startswith(b"-ERR"):
                     raise RuntimeError(f"loadgen: NATS said {line.decode(errors='replace')}")
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._stream.send_all(data)
 
     def pub(self, subject: str, payload: bytes) -> None:
         self._out.append(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
@@ -352,12 +394,12 @@ class Publisher:
     async def send(self) -> None:
         if self._out:
             out, self._out = b"".join(self._out), []
-            await self._stream.send_all(out)
+            await self._send(out)
 
     async def flush(self) -> None:
         await self.send()
         target = self._pongs + 1
-        await self._stream.send_all(b"PING\r\n")
+        await self._send(b"PING\r\n")
         while self._pongs < target:
             await self._pong_seen.wait()
 
@@ -531,29 +573,52 @@ async def connect_all(
     target: Target, requests: list[WatchRequest], sc: Scenario, tally: Tally, nursery: trio.Nursery
 ) -> tuple[list[Watcher], float]:
     """Start every watcher (at most connect_concurrency connecting at once); wait for `:ok`."""
+    watchers = [Watcher(r, sc.messages, tally) for r in requests]
+    return watchers, await start_all(target, watchers, sc, nursery)
+
+
+async def start_all(
+    target: Target,
+    watchers: list[Watcher],
+    sc: Scenario,
+    nursery: trio.Nursery,
+    *,
+    until_final: bool = False,
+) -> float:
+    """Run every watcher in `nursery`, at most connect_concurrency of them between
+    connecting and `:ok` at once; seconds until each has `:ok` (or, with `until_final`,
+    is settled: the final message, an error event, or the end of its stream)."""
     limiter = trio.CapacityLimiter(sc.connect_concurrency)
     started = time.monotonic_ns()
-    watchers = [Watcher(r, sc.messages, tally) for r in requests]
 
     async def one(w: Watcher) -> None:
         async with limiter:
             nursery.start_soon(w.run, target.host, target.port, started)
             await w.ok_event.wait()
+        if until_final:
+            await w.settled.wait()
 
     async with trio.open_nursery() as connecting:
         for w in watchers:
             connecting.start_soon(one, w)
-    return watchers, (time.monotonic_ns() - started) / 1e9
+    return (time.monotonic_ns() - started) / 1e9
 
 
 async def publish_all(
-    pub: Publisher, conversations: list[str], sc: Scenario, *, first_seq: int = 0
+    pub: Publisher,
+    conversations: list[str],
+    sc: Scenario,
+    *,
+    first_seq: int = 0,
+    stop: int | None = None,
 ) -> None:
-    """N chunks per conversation, interleaved, then one final message each; paced by rate."""
+    """Chunks first_seq..stop-1 per conversation, interleaved, then (when stop is the
+    scenario's end) one final message each; paced by rate."""
+    stop = sc.messages if stop is None else stop
     text = "x" * sc.text_bytes
     started = trio.current_time()
     sent = 0
-    for seq in range(first_seq, sc.messages):
+    for seq in range(first_seq, stop):
         for conv in conversations:
             pub.pub(f"chat.chunk.{conv}", chunk_payload(conv, seq, text))
             sent += 1
@@ -563,19 +628,23 @@ async def publish_all(
             elif sent % 1000 == 0:
                 await pub.send()
                 await trio.lowlevel.checkpoint()
-    for conv in conversations:
-        pub.pub(f"chat.message.{conv}", final_payload(conv, sc.messages))
+    if stop == sc.messages:
+        for conv in conversations:
+            pub.pub(f"chat.message.{conv}", final_payload(conv, sc.messages))
     await pub.flush()
 
 
-async def wait_subs_gone(monitor_url: str) -> tuple[float | None, int]:
+async def wait_subs_gone(monitor_url: str, baseline: int) -> tuple[float | None, int]:
+    """Until the server's subscriptions are back to `baseline`, those it held before any
+    watcher came (with history on, chatwatch keeps one for its JetStream requests'
+    replies); the time that took, and how many more than the baseline were left."""
     started = time.monotonic()
     left = 0
     with trio.move_on_after(30):
         # Another process's state: nothing to wait on but the monitor, polled.
         while True:
-            left = await client_subscriptions(monitor_url)
-            if left == 0:
+            left = await client_subscriptions(monitor_url) - baseline
+            if left <= 0:
                 return round((time.monotonic() - started) * 1000, 1), 0
             await trio.sleep(0.025)
     return None, left
@@ -617,6 +686,7 @@ async def run_broadcast_like(target: Target, sc: Scenario) -> dict[str, Any]:
     result: dict[str, Any] = {"phases": {}}
     rss_before = rss_kb(target.server_pid)
     sc_before = await slow_consumers(target.monitor_url)
+    subs_before = await client_subscriptions(target.monitor_url)
     async with Publisher.open(target.nats_url) as pub, trio.open_nursery() as nursery:
         phase = Phase(target.server_pid, target.nats_pid)
         with trio.move_on_after(sc.deadline_s) as connect_scope:
@@ -662,7 +732,7 @@ async def run_broadcast_like(target: Target, sc: Scenario) -> dict[str, Any]:
             result["delivery"]["timed_out"] = True
         nursery.cancel_scope.cancel()
     phase = Phase(target.server_pid, target.nats_pid)
-    zero_ms, left = await wait_subs_gone(target.monitor_url)
+    zero_ms, left = await wait_subs_gone(target.monitor_url, subs_before)
     result["phases"]["cleanup"] = phase.end()
     result["cleanup"].update(subs_zero_ms=zero_ms, subs_remaining=left)
     result["nats"] = {"slow_consumers": await slow_consumers(target.monitor_url) - sc_before}
@@ -670,6 +740,7 @@ async def run_broadcast_like(target: Target, sc: Scenario) -> dict[str, Any]:
         all(w.status == 200 for w in watchers)
         and result["delivery"]["missing"] == 0
         and tally.duplicates == tally.out_of_order == tally.misrouted == tally.bad_frames == 0
+        and not tally.errors  # e.g. a late join whose replay failed (history on)
         and left == 0
     )
     return result
@@ -686,6 +757,7 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
     aborted_early = 0
     result: dict[str, Any] = {"phases": {}}
     sc_before = await slow_consumers(target.monitor_url)
+    subs_before = await client_subscriptions(target.monitor_url)
 
     async def publisher(pub: Publisher) -> None:
         text = "x" * sc.text_bytes
@@ -754,11 +826,13 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
         missing += lost
         if owed and lost == len(owed):
             silent += 1
-    zero_ms, left = await wait_subs_gone(target.monitor_url)
+    zero_ms, left = await wait_subs_gone(target.monitor_url, subs_before)
     result["cleanup"] = {"subs_zero_ms": zero_ms, "subs_remaining": left}
     result["delivery"] = {
         "watchers": len(finished),
         "aborted_early": aborted_early,
+        # dropped after 30 s without `:ok` (each such watcher holds its wave that long)
+        "never_ok": sum(1 for w in finished if not w.ok_ns),
         "owed": owed_total,
         "missing": missing,
         "silent_watchers": silent,
@@ -772,8 +846,122 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
     return result
 
 
+async def stored_events(monitor_url: str) -> int:
+    """Messages held by JetStream on the nats-server (0 where it has none)."""
+    return int((await http_get_json(monitor_url + "/jsz")).get("messages", 0))
+
+
+async def wait_stored(monitor_url: str, count: int, deadline_s: float) -> bool:
+    """Until JetStream holds `count` messages: a resume must find everything it is
+    behind in the stream, not still on its way to it (a core publish is stored after
+    the PONG that acknowledges it)."""
+    with trio.move_on_after(deadline_s):
+        # Another process's state: nothing to wait on but the monitor, polled.
+        while True:
+            if await stored_events(monitor_url) >= count:
+                return True
+            await trio.sleep(0.01)
+    return False
+
+
+async def run_resume(target: Target, sc: Scenario) -> dict[str, Any]:
+    """resume: every watcher live for the first `resume_after` chunks, all dropped at
+    once (RST), the rest published and stored while they are away, then all reconnect
+    at once with the last id each received; catch-up time is from the reconnect start
+    until each has the final message (limited only by connect_concurrency between
+    connect and `:ok`, as every other scenario's connect is)."""
+    if not 0 < sc.resume_after <= sc.messages:
+        raise SystemExit(f"loadgen: resume_after must be in 1..messages ({sc.messages})")
+    tally = Tally()
+    requests = plan(target.auth, sc)
+    conversations = list(dict.fromkeys(r.conversation for r in requests))
+    behind = sc.messages + 1 - sc.resume_after
+    result: dict[str, Any] = {"phases": {}}
+    sc_before = await slow_consumers(target.monitor_url)
+    subs_before = await client_subscriptions(target.monitor_url)
+    async with Publisher.open(target.nats_url) as pub, trio.open_nursery() as nursery:
+        phase = Phase(target.server_pid, target.nats_pid)
+        with trio.move_on_after(sc.deadline_s) as connect_scope:
+            watchers, t_all_ok = await connect_all(target, requests, sc, tally, nursery)
+        result["phases"]["connect"] = phase.end()
+        if connect_scope.cancelled_caught or any(w.status != 200 for w in watchers):
+            nursery.cancel_scope.cancel()
+            return {**result, "error": "not every watcher got 200 and :ok within the deadline"}
+        result["connect"] = {"t_all_ok_s": round(t_all_ok, 3)}
+        phase = Phase(target.server_pid, target.nats_pid)
+        with trio.move_on_after(sc.deadline_s) as live_scope:
+            await publish_all(pub, conversations, sc, stop=sc.resume_after)
+            for w in watchers:
+                await w.wait_for_seq(sc.resume_after - 1)
+        result["phases"]["live"] = phase.end()
+        if live_scope.cancelled_caught:
+            nursery.cancel_scope.cancel()
+            return {**result, "error": "the live events did not all arrive within the deadline"}
+        if any(w.last_id is None for w in watchers):
+            nursery.cancel_scope.cancel()
+            return {
+                **result,
+                "error": "the server sent no event ids: resume needs history on"
+                " (chatwatch --history on, nats-server with JetStream: run.py --jetstream)",
+            }
+        for w in watchers:
+            w.abort(reset=True)
+        await publish_all(pub, conversations, sc, first_seq=sc.resume_after)
+        if not await wait_stored(
+            target.monitor_url, (sc.messages + 1) * len(conversations), sc.deadline_s
+        ):
+            nursery.cancel_scope.cancel()
+            return {**result, "error": "JetStream did not store every event within the deadline"}
+        resumed = [w.resumed() for w in watchers]
+        phase = Phase(target.server_pid, target.nats_pid)
+        started = time.monotonic_ns()
+        with trio.move_on_after(sc.deadline_s) as catchup_scope:
+            await start_all(target, resumed, sc, nursery, until_final=True)
+        total_s = (time.monotonic_ns() - started) / 1e9
+        result["phases"]["delivery"] = phase.end()
+        result["rss_kb"] = {"caught_up": rss_kb(target.server_pid)}
+        # Percentiles over the watchers that caught up; `caught_up` says how many did.
+        catchup = sorted((w.final_ns - started) / 1e6 for w in resumed if w.final_ns)
+        everyone = len(catchup) == len(resumed)
+        result["resume"] = {
+            "behind": behind,
+            "watchers": len(resumed),
+            "caught_up": len(catchup),
+            "catchup_ms": {
+                "p50": percentile(catchup, 50),
+                "p99": percentile(catchup, 99),
+                "max": catchup[-1] if catchup else None,
+            },
+            "all_caught_up_s": round(total_s, 3) if everyone else None,
+            "settled_s": round(total_s, 3),
+            "replayed_events_per_s": round(len(catchup) * behind / total_s, 1),
+        }
+        result["delivery"] = delivery_summary(resumed, tally, sc.messages + 1, total_s)
+        if catchup_scope.cancelled_caught:
+            result["delivery"]["timed_out"] = True
+        nursery.cancel_scope.cancel()
+    phase = Phase(target.server_pid, target.nats_pid)
+    zero_ms, left = await wait_subs_gone(target.monitor_url, subs_before)
+    result["phases"]["cleanup"] = phase.end()
+    result["cleanup"] = {"subs_zero_ms": zero_ms, "subs_remaining": left}
+    result["nats"] = {"slow_consumers": await slow_consumers(target.monitor_url) - sc_before}
+    result["ok"] = (
+        all(w.status == 200 for w in resumed)
+        and result["delivery"]["missing"] == 0
+        and tally.duplicates == tally.out_of_order == tally.misrouted == tally.bad_frames == 0
+        and not tally.errors
+        and left == 0
+    )
+    return result
+
+
 async def run(target: Target, name: str, sc: Scenario) -> dict[str, Any]:
-    body = await (run_churn(target, sc) if sc.churn_waves else run_broadcast_like(target, sc))
+    if sc.resume_after:
+        body = await run_resume(target, sc)
+    elif sc.churn_waves:
+        body = await run_churn(target, sc)
+    else:
+        body = await run_broadcast_like(target, sc)
     other = max(
         (p.get("other_cpu_cores", 0.0) for p in body.get("phases", {}).values()), default=0.0
     )

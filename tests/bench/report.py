@@ -2,7 +2,7 @@
 
     python tests/bench/report.py [--results bench-results] [--name chatwatch]
         [--peers asyncio,node] [--scenarios broadcast,...,broadcast-natsdefaults]
-        [--out bench-results/summary.md]
+        [--history chatwatch-history] [--out bench-results/summary.md]
 
 The benchmark driver (tests/bench/run.py, or the independent cross-check harness)
 writes one file per target and scenario, ``<results>/<name>-<scenario><suffix>.json``:
@@ -12,6 +12,10 @@ not marked ``disturbed`` are used (all of them if every run was disturbed), as t
 harness does. Figures are medians over those runs; missing / duplicate / out-of-order
 counts and silent watchers are the maximum over every run without an error, so a
 single bad run shows. ``nox -s bench`` runs this after the harness.
+
+``--history NAME`` adds chatwatch with history on (the runs named NAME: broadcast, idle,
+resume) against --name's runs (history off), with the on/off ratios issue 8 sets as
+targets. No peer resumes, so the resume scenario is shown there only, chatwatch alone.
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ def rows_for(scenario: str) -> list[Row]:
     rows = [Row("runs ok", runs_ok, ratio=False)]
     if scenario == "broadcast":
         rows.append(Row("delivered events/s ↑", median_of("delivery.events_per_s", 0)))
+        rows.append(Row("server CPU us per delivered event ↓", server_us_per_event))
     elif scenario == "paced":
         rows.append(Row("latency p50 ms ↓", median_of("delivery.latency_ms.p50", 1)))
         rows.append(Row("latency p99 ms ↓", median_of("delivery.latency_ms.p99", 1)))
@@ -172,6 +177,13 @@ def rows_for(scenario: str) -> list[Row]:
         rows.append(Row("connect 5000 watchers s ↓", median_of("connect.t_all_ok_s", 2)))
     elif scenario == "churn":
         rows.append(Row("silent watchers (max) ↓", silent_watchers, ratio=False))
+    elif scenario == "resume":
+        rows.append(Row("watchers caught up (min)", caught_up, ratio=False))
+        for p in ("p50", "p99", "max"):
+            rows.append(Row(f"catch-up {p} ms ↓", median_of(f"resume.catchup_ms.{p}", 0)))
+        rows.append(Row("all caught up s ↓", median_of("resume.all_caught_up_s", 2)))
+        rows.append(Row("replayed events/s ↑", median_of("resume.replayed_events_per_s", 0)))
+        rows.append(Row("error events (max) ↓", error_events, ratio=False))
     elif scenario == DEFAULT_LIMITS:
         rows.append(Row("delivered % ↑", delivered_percent))
         rows.append(Row("NATS slow consumers (max)", slow_consumers, ratio=False))
@@ -179,6 +191,33 @@ def rows_for(scenario: str) -> list[Row]:
         rows.append(Row("subscriptions gone after close ms ↓", subs_gone))
     rows.append(Row("missing / dup / out-of-order (max)", missing_dup_ooo, ratio=False))
     return rows
+
+
+def server_us_per_event(res: Result) -> Cell:
+    """The server's CPU time over the delivery phase per event delivered: its cost even
+    where the load generator, not the server, limited events/s."""
+    costs = [
+        util * wall * 1e6 / unique
+        for r in res.used
+        if (util := lookup(r, "phases.delivery.server.util")) is not None
+        and (wall := lookup(r, "phases.delivery.wall_s")) is not None
+        and (unique := lookup(r, "delivery.unique"))
+    ]
+    return number(statistics.median(costs), 2) if costs else NO_VALUE
+
+
+def error_events(res: Result) -> Cell:
+    runs = res.completed
+    return Cell(None, count(maximum(runs, "delivery.error_events"))) if runs else NO_VALUE
+
+
+def caught_up(res: Result) -> Cell:
+    """Resumed watchers that received every event they were behind, of all of them,
+    in the worst run."""
+    runs = res.completed
+    got = [v for v in (lookup(r, "resume.caught_up") for r in runs) if v is not None]
+    of = maximum(runs, "resume.watchers")
+    return Cell(None, f"{count(min(got))} / {count(of)}") if got else NO_VALUE
 
 
 def slow_consumers(res: Result) -> Cell:
@@ -230,9 +269,64 @@ LEGEND = (
 )
 
 
-def build(results: Path, name: str, peers: Sequence[str], scenarios: Sequence[str]) -> str:
-    lines = table(results, name, peers, scenarios)
-    return "\n".join([*lines, "", LEGEND.format(name=name), ""])
+# History on vs off, measured in one invocation (issue 8's targets): the row's metric
+# path, the scenario it comes from, the bound on on/off, and which side of it is met.
+HISTORY_TARGETS = (
+    ("broadcast", "delivery.events_per_s", "delivered events/s", 0.8, "≥"),
+    ("idle", "idle.rss_kb_per_watcher", "RSS per idle watcher", 1.1, "≤"),
+)
+HISTORY_SCENARIOS = ("broadcast", "idle", "resume")
+
+
+def history_targets(results: Path, on: str, off: str, scenarios: Sequence[str]) -> list[str]:
+    """One line per target of `scenarios`: the on/off ratio of the medians and whether
+    it is met (results of scenarios not asked for may be left from an earlier run)."""
+    lines = []
+    for scenario, path, label, bound, side in HISTORY_TARGETS:
+        if scenario not in scenarios:
+            continue
+        ours, base = load(results, on, scenario), load(results, off, scenario)
+        if ours is None or base is None:
+            continue
+        a, b = median(ours.used, path), median(base.used, path)
+        if a is None or b is None or b == 0:
+            lines.append(f"- {label}, history on ÷ off: no figure (a run failed)")
+            continue
+        value = a / b
+        met = value >= bound if side == "≥" else value <= bound
+        verdict = "met" if met else "NOT met"
+        lines.append(
+            f"- {label}, history on ÷ off: {value:.2f}x (target {side} {bound}x): {verdict}"
+        )
+    return lines
+
+
+def history_section(results: Path, on: str, off: str, scenarios: Sequence[str]) -> list[str]:
+    """chatwatch with history on (JetStream) against itself with history off; empty
+    when the history-on run was not made."""
+    shown = [s for s in HISTORY_SCENARIOS if s in scenarios]
+    if not any(load(results, on, s) is not None for s in shown):
+        return []
+    lines = [f"History on ({on}: --history on, nats-server -js) vs off ({off}):", ""]
+    lines += table(results, on, [off], shown)
+    return [*lines, "", *history_targets(results, on, off, shown), ""]
+
+
+def build(
+    results: Path,
+    name: str,
+    peers: Sequence[str],
+    scenarios: Sequence[str],
+    history: str | None = None,
+) -> str:
+    """The comparison with the peers (resume left out: no peer resumes), then, with
+    `history`, the history-on section."""
+    compared = [s for s in scenarios if s != "resume"]
+    lines = table(results, name, peers, compared) if compared else []
+    lines = [*lines, "", LEGEND.format(name=name), ""] if compared else []
+    if history is not None:
+        lines += history_section(results, history, name, scenarios)
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,11 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated; {DEFAULT_LIMITS}: the broadcast run with nats-server's"
         " default limits (run.py --nats-default-limits --suffix=" + DEFAULT_LIMITS_SUFFIX + ")",
     )
+    ap.add_argument(
+        "--history",
+        metavar="NAME",
+        help="the result name of the history-on runs (broadcast, idle, resume): adds a"
+        " table of them against --name's, with issue 8's on/off targets",
+    )
     ap.add_argument("--out", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     peers = [p for p in args.peers.split(",") if p]
-    text = build(args.results, args.name, peers, scenarios)
+    text = build(args.results, args.name, peers, scenarios, args.history)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -12,9 +12,10 @@ machine has two cores or more). The server command is a template run with
 `{auth_file}` (JSON: token -> {"user_id", "conversations": [...]}, one entry with
 `"bench_role": "stranger"` owning nothing), `{bench}` (this folder). Results go to
 `<out>/<name>-<scenario><suffix>.json` as {"runs": [...]}, which report.py reads;
-logs to `<out>/raw/`. A run that other work on the machine disturbed (more than
-`--disturbed` cores used by anything else during delivery) is marked and repeated
-once.
+logs to `<out>/raw/`. The `resume` scenario needs a server with history on and
+`--jetstream` (the load generator says so when the server writes no event ids). A
+run that other work on the machine disturbed (more than `--disturbed` cores used by
+anything else during delivery) is marked and repeated once.
 """
 
 from __future__ import annotations
