@@ -12,12 +12,13 @@ status tasks. A watcher owns nothing here; `leave` is synchronous, so it runs in
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -27,8 +28,11 @@ from app.events import parse_event
 from app.history import History
 from app.jsapi import ApiError
 from app.outbox import Outbox
+from app.singleflight import SingleFlight
 
 log = logging.getLogger("chatwatch.hub")
+
+T = TypeVar("T")
 
 NATS_NOT_AVAILABLE = sse.error_frame("NATS not available")
 NATS_LOST = sse.error_frame("NATS connection lost")
@@ -198,6 +202,7 @@ class Hub:
         self._replay_cap = replay_cap
         self._topics: dict[str, Topic] = {}
         self._nursery: trio.Nursery | None = None
+        self._flights: SingleFlight | None = None
         self._closed = False
         self._per_owner: dict[str, int] = {}
         self.history: History | None = None
@@ -246,6 +251,7 @@ class Hub:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._flights = SingleFlight(nursery)
             nursery.start_soon(self._keepalive_loop)
             task_status.started()
             await trio.sleep_forever()
@@ -380,13 +386,17 @@ class Hub:
             parsed = history.parse_id(raw)
             reason = parsed if isinstance(parsed, str) else None
             if isinstance(parsed, int):
-                reason = await history.check_resume(cid, parsed)
+                after = parsed
+                reason = await self._shared(
+                    ("check", cid, after), lambda: history.check_resume(cid, after)
+                )
                 if reason is None:
                     return parsed, None
             self.resumes_refused += 1
             shown = raw if len(raw) <= 64 else raw[:64] + "..."
             refused = sse.error_frame(f"cannot resume from {shown}: {reason}")
-        return (await history.position(cid)).message, refused
+        position = await self._shared(("position", cid), lambda: history.position(cid))
+        return position.message, refused
 
     async def _send_replay(self, w: Watcher, history: History, after: int) -> int:
         cid = w.topic.conversation_id
@@ -396,7 +406,9 @@ class Hub:
         last = after
         more = True
         while more:
-            batch, more = await history.fetch(cid, last)
+            batch, more = await self._shared(
+                ("fetch", cid, last), functools.partial(history.fetch, cid, last)
+            )
             for m in batch:
                 event = parse_event(
                     m.subject.split(".")[1], m.data, self._max_payload, history.event_id(m.seq)
@@ -418,6 +430,11 @@ class Hub:
             await w.outbox.put(frame)
         self.events_replayed += len(kept)
         return last
+
+    async def _shared(self, key: tuple[object, ...], fn: Callable[[], Awaitable[T]]) -> T:
+        """A replay read, shared with concurrent identical ones (a reconnect storm)."""
+        assert self._flights is not None
+        return await self._flights.call(key, fn)
 
     def _go_live(self, w: Watcher, replayed: int) -> None:
         """The seam, in one synchronous step: held frames after the replay, then live."""
