@@ -168,6 +168,17 @@ class Topic:
         self.failed = False
 
 
+@dataclass(frozen=True, slots=True)
+class _ReplayPage:
+    frames: list[bytes]
+    more: bool
+    last: int  # the last sequence read (the next page starts after it)
+
+
+# A replay goes to the outbox in pieces of about this many bytes.
+_REPLAY_CHUNK = 64 * 1024
+
+
 def _cut_off(w: Watcher) -> bool:
     # A function, not an inline test: the flag changes inside `_push`.
     return w.overflowed
@@ -401,24 +412,20 @@ class Hub:
     async def _send_replay(self, w: Watcher, history: History, after: int) -> int:
         cid = w.topic.conversation_id
         cap = self._replay_cap
-        kept: deque[tuple[int, bytes]] = deque(maxlen=cap)
+        kept: deque[bytes] = deque(maxlen=cap)
         seen = 0
         last = after
         more = True
         while more:
-            batch, more = await self._shared(
-                ("fetch", cid, last), functools.partial(history.fetch, cid, last)
+            page = await self._shared(
+                ("frames", cid, last), functools.partial(self._replay_page, history, cid, last)
             )
-            for m in batch:
-                event = parse_event(
-                    m.subject.split(".")[1], m.data, self._max_payload, history.event_id(m.seq)
-                )
-                last = m.seq
-                if event is not None:
-                    seen += 1
-                    kept.append((m.seq, event.frame))
-            if not batch:
+            seen += len(page.frames)
+            kept.extend(page.frames)
+            more = page.more
+            if page.last == last:
                 break
+            last = page.last
         self.replays += 1
         if seen > cap:
             await w.outbox.put(
@@ -426,10 +433,33 @@ class Hub:
                     f"replay capped at {cap} events: the {seen - cap} oldest were left out"
                 )
             )
-        for _seq, frame in kept:
-            await w.outbox.put(frame)
+        # Written in chunks: one outbox slot and one write for many frames.
+        chunk: list[bytes] = []
+        size = 0
+        for frame in kept:
+            chunk.append(frame)
+            size += len(frame)
+            if size >= _REPLAY_CHUNK:
+                await w.outbox.put(b"".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            await w.outbox.put(b"".join(chunk))
         self.events_replayed += len(kept)
         return last
+
+    async def _replay_page(self, history: History, cid: str, after: int) -> _ReplayPage:
+        """One page of a replay, framed once for every watcher that asks for it."""
+        batch, more = await history.fetch(cid, after)
+        frames = []
+        last = after
+        for m in batch:
+            last = m.seq
+            event = parse_event(
+                m.subject.split(".")[1], m.data, self._max_payload, history.event_id(m.seq)
+            )
+            if event is not None:
+                frames.append(event.frame)
+        return _ReplayPage(frames, more and bool(batch), last)
 
     async def _shared(self, key: tuple[object, ...], fn: Callable[[], Awaitable[T]]) -> T:
         """A replay read, shared with concurrent identical ones (a reconnect storm)."""
