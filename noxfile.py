@@ -48,7 +48,8 @@ BENCH_PEER_DEPS = ("starlette", "sse-starlette", "uvicorn[standard]")
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """chatwatch vs the asyncio peer, with the project's own harness (tests/bench/).
+    """chatwatch vs the asyncio peer and, where `node` and `npm` exist, the Node peer, with
+    the project's own harness (tests/bench/).
 
     `nox -s bench -- --scenarios broadcast --repeat 2 [--set watchers=100] [run.py options]`
     prints one table with ratios and writes bench-results/ (summary.md, JSON, logs).
@@ -67,15 +68,11 @@ def bench(session: nox.Session) -> None:
     ap = argparse.ArgumentParser(prog="nox -s bench --")
     ap.add_argument("--scenarios", default=BENCH_SCENARIOS)
     ap.add_argument("--repeat", default="1")
-    ap.add_argument("--peers", default=None, help="default: asyncio (own), asyncio,node (shared)")
+    ap.add_argument("--peers", default="asyncio,node", help="run.py skips node without node/npm")
     ap.add_argument("--harness", choices=["own", "shared"], default="own")
     opts, run_py_args = ap.parse_known_args(session.posargs)
     scenarios = [s for s in opts.scenarios.split(",") if s]
-    peers = [
-        p
-        for p in (opts.peers or ("asyncio" if opts.harness == "own" else "asyncio,node")).split(",")
-        if p
-    ]
+    peers = [p for p in opts.peers.split(",") if p]
     out.mkdir(exist_ok=True)
 
     # The harness gives every watcher of a conversation the same token (1000 per session

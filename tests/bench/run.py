@@ -45,7 +45,9 @@ from app.embedded import nats_server_binary  # ruff: ignore[module-import-not-at
 from tests.bench.loadgen import SCENARIOS, with_overrides  # ruff: ignore[module-import-not-at-top-of-file]
 
 # The Node peer's one dependency (nats.js, pinned by its package-lock.json) lives outside
-# the repository, so that a clone stays clean; NODE_PATH points the peer at it.
+# the repository, so that a clone stays clean: in $CHATWATCH_BENCH_CACHE/node_peer
+# (default ~/.cache/chatwatch-bench, beside the cross-check harness's own installs);
+# NODE_PATH points the peer at it.
 NODE_PEER = BENCH / "peers" / "node_peer"
 NODE_CACHE = (
     Path(os.environ.get("CHATWATCH_BENCH_CACHE", Path.home() / ".cache" / "chatwatch-bench"))
