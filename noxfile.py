@@ -52,7 +52,8 @@ BENCH_PEER_DEPS = ("starlette", "sse-starlette", "uvicorn[standard]")
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """chatwatch vs the asyncio peer, with the project's own harness (tests/bench/).
+    """chatwatch vs the asyncio peer and, where `node` and `npm` exist, the Node peer, with
+    the project's own harness (tests/bench/).
 
     `nox -s bench -- --scenarios broadcast --repeat 2 [--set watchers=100] [run.py options]`
     prints one table with ratios and writes bench-results/ (summary.md, JSON, logs).
@@ -79,7 +80,9 @@ def bench(session: nox.Session) -> None:
     ap.add_argument("--scenarios", default=BENCH_SCENARIOS, help=f"default: {BENCH_SCENARIOS}")
     ap.add_argument("--repeat", default="1")
     ap.add_argument(
-        "--peers", default=None, help="default: asyncio (own), asyncio,node (shared); '': none"
+        "--peers",
+        default=None,
+        help="default: asyncio,node (node skipped without node/npm); '': none",
     )
     ap.add_argument("--harness", choices=["own", "shared"], default="own")
     ap.add_argument(
@@ -93,7 +96,7 @@ def bench(session: nox.Session) -> None:
         if opts.no_history or opts.harness != "own"
         else [s for s in scenarios if s in BENCH_HISTORY_SCENARIOS]
     )
-    default_peers = "asyncio" if opts.harness == "own" else "asyncio,node"
+    default_peers = "asyncio,node"
     # `--peers ''`: chatwatch alone (e.g. history on vs off only)
     peers = [p for p in (default_peers if opts.peers is None else opts.peers).split(",") if p]
     out.mkdir(exist_ok=True)

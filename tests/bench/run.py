@@ -1,7 +1,7 @@
 """The benchmark driver: a fresh nats-server and server under test per run, then the loadgen.
 
     python tests/bench/run.py --name chatwatch --server-cmd 'CMD {port} {nats_url} {auth_file}'
-    python tests/bench/run.py --peer asyncio [--scenarios broadcast,many] [--repeat 2]
+    python tests/bench/run.py --peer asyncio|node [--scenarios broadcast,many] [--repeat 2]
         [--set watchers=100] [--suffix=-small] [--nats-default-limits] [--jetstream]
         [--out bench-results]
 
@@ -45,14 +45,59 @@ sys.path.insert(0, str(ROOT))  # run as a script: `tests.bench.loadgen` and `app
 from app.embedded import nats_server_binary  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.bench.loadgen import SCENARIOS, with_overrides  # ruff: ignore[module-import-not-at-top-of-file]
 
+# The Node peer's one dependency (nats.js, pinned by its package-lock.json) lives outside
+# the repository, so that a clone stays clean: in $CHATWATCH_BENCH_CACHE/node_peer
+# (default ~/.cache/chatwatch-bench, beside the cross-check harness's own installs);
+# NODE_PATH points the peer at it.
+NODE_PEER = BENCH / "peers" / "node_peer"
+NODE_CACHE = (
+    Path(os.environ.get("CHATWATCH_BENCH_CACHE", Path.home() / ".cache" / "chatwatch-bench"))
+    / "node_peer"
+)
 PEERS = {
     "asyncio": f"{shlex.quote(sys.executable)} {{bench}}/peers/asyncio_peer.py"
     " {port} {nats_url} {auth_file}",
+    "node": "env NODE_PATH="
+    + shlex.quote(str(NODE_CACHE / "node_modules")).replace("{", "{{").replace("}", "}}")
+    + " node {bench}/peers/node_peer/server.js {port} {nats_url} {auth_file}",
 }
 # nats-server's own limits would cut a per-watcher-subscription peer off within a second
 # of broadcast; the runs measure throughput with them raised (docs/findings.md), and
 # --nats-default-limits shows what the defaults do.
 RAISED_LIMITS = "max_pending: 2GB\nwrite_deadline: 120s\n"
+
+
+def prepare_node_peer() -> bool:
+    """`npm ci` into NODE_CACHE unless that install matches the committed manifests.
+
+    False (after one line saying why) when `node` or `npm` is missing: the peer is
+    optional. A failed install raises RuntimeError with npm's last line.
+    """
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        print(f"bench: node peer skipped: no {' or '.join(missing)} on PATH", file=sys.stderr)
+        return False
+    manifests = ("package.json", "package-lock.json")
+    wanted = b"".join((NODE_PEER / m).read_bytes() for m in manifests)
+    stamp = NODE_CACHE / "installed.stamp"
+    if stamp.is_file() and stamp.read_bytes() == wanted:
+        return True
+    NODE_CACHE.mkdir(parents=True, exist_ok=True)
+    for m in manifests:
+        shutil.copyfile(NODE_PEER / m, NODE_CACHE / m)
+    npm = ["npm", "ci", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"]
+    try:
+        done = subprocess.run(npm, cwd=NODE_CACHE, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"npm ci in {NODE_CACHE} took over {exc.timeout:.0f} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise RuntimeError(f"npm ci in {NODE_CACHE} failed: {last}")
+    stamp.write_bytes(wanted)
+    return True
+
+
+PEER_SETUP = {"node": prepare_node_peer}
 
 
 def free_port() -> int:
@@ -251,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenarios {unknown}; known: {sorted(SCENARIOS)}")
+    if args.peer in PEER_SETUP:
+        try:
+            if not PEER_SETUP[args.peer]():
+                return 0
+        except RuntimeError as exc:
+            print(f"bench: {args.peer} peer: {exc}", file=sys.stderr)
+            return 1
     failed = False
     for scenario in scenarios:
         runs: list[dict[str, Any]] = []
