@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 HISTORY_MODES = ("auto", "on", "off")
+FAST_SEND_MODES = ("on", "off")
 # More processes than this on one port is a typo, not a deployment: each worker holds
 # its own NATS connection and store pool.
 MAX_WORKERS = 64
@@ -219,6 +220,12 @@ class Settings:
     )
     workers: int = _opt(
         1, f"processes serving one socket (at most {MAX_WORKERS})", count(maximum=MAX_WORKERS)
+    )
+    fast_send: str = _opt(
+        "on",
+        "on: write a frame the kernel takes at once without a scheduler pass (app/fastsend.py)",
+        one_of(FAST_SEND_MODES),
+        choices=FAST_SEND_MODES,
     )
     log_level: str = _opt("info", "log level", one_of(LOG_LEVELS), choices=LOG_LEVELS)
     # History (resume and late join) on JetStream.
