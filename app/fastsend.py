@@ -31,8 +31,9 @@ import inspect
 import logging
 import os
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from hypercorn.events import Closed, Event, RawData
@@ -48,7 +49,6 @@ EXPECTED_SOURCE_SHA256 = "22b51ba714d07580a0c352848e88b4e849e977e2891eebfbf36286
 YIELD_EVERY = 64
 
 
-
 @dataclass(slots=True)
 class Stats:
     """Counts for tests and measurements: which way each write went."""
@@ -60,7 +60,7 @@ class Stats:
 
 stats = Stats()
 
-_Send = Callable[[TCPServer, Event], Awaitable[None]]
+_Send = Callable[[TCPServer, Event], Coroutine[Any, Any, None]]
 _original: _Send | None = None
 
 
@@ -109,18 +109,19 @@ def uninstall() -> None:
     """Put hypercorn's method back (for tests and measurements)."""
     global _original
     if _original is not None:
-        TCPServer.protocol_send = _original  # type: ignore[method-assign]
+        TCPServer.protocol_send = _original  # type: ignore[method-assign, assignment]
         _original = None
 
 
 async def _protocol_send(self: TCPServer, event: Event) -> None:
     original = _original
     assert original is not None  # only installed together with _original
-    stream = self.stream
+    # Annotated upstream as an SSLStream; a SocketStream when there is no TLS.
+    stream: trio.abc.Stream = self.stream
     lock = self.send_lock
     if (
         type(event) is not RawData
-        or type(stream) is not trio.SocketStream  # TLS: the SSL object owns the bytes
+        or not isinstance(stream, trio.SocketStream)  # TLS: the SSL object owns the bytes
         or lock.locked()
         or not event.data
     ):
@@ -138,8 +139,8 @@ async def _protocol_send(self: TCPServer, event: Event) -> None:
             # EPIPE, ECONNRESET, EBADF (closed): hypercorn's send_all raises
             # BrokenResourceError or ClosedResourceError for these and it handles both so.
             await self.protocol.handle(Closed())
-            return
-        if sent < len(data):
+            sent = -1
+        if 0 <= sent < len(data):
             stats.partial += 1
             # The kernel's buffer is full: the rest goes hypercorn's way, still under the
             # lock, so no later chunk can overtake it.
@@ -149,9 +150,14 @@ async def _protocol_send(self: TCPServer, event: Event) -> None:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
             return
-        stats.fast += 1
     finally:
         lock.release()
+    if sent < 0:
+        # hypercorn's path always checkpoints; a body writing into a dead connection
+        # without one would spin and starve the reader that is to tell it so.
+        await trio.lowlevel.checkpoint()
+        return
+    stats.fast += 1
     countdown: int = getattr(self, "_chatwatch_fast_writes", YIELD_EVERY) - 1
     if countdown <= 0:
         countdown = YIELD_EVERY
