@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 HISTORY_MODES = ("auto", "on", "off")
+FAST_SEND_MODES = ("on", "off")
 # More processes than this on one port is a typo, not a deployment: each worker holds
 # its own NATS connection and store pool.
 MAX_WORKERS = 64
@@ -240,6 +241,12 @@ class Settings:
         "milliseconds a stream's frames may wait to be written together (0: at once)",
         seconds(inclusive=True, maximum=1000.0),
         metavar="MS",
+    )
+    fast_send: str = _opt(
+        "on",
+        "on: write a frame the kernel takes at once without a scheduler pass (app/fastsend.py)",
+        one_of(FAST_SEND_MODES),
+        choices=FAST_SEND_MODES,
     )
     log_level: str = _opt("info", "log level", one_of(LOG_LEVELS), choices=LOG_LEVELS)
     # History (resume and late join) on JetStream.

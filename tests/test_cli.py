@@ -319,6 +319,7 @@ VALUES = {
     "--nats-url": ("nats://a:7", "tls://b:9,ws://c"),
     "--database-url": ("sqlite:///env.db", "cli.db"),
     "--history-replicas": ("3", "5"),
+    "--fast-send": ("off", "off"),  # two choices: only one is unlike the default
 }
 
 

@@ -1,0 +1,167 @@
+"""A write path for hypercorn's trio worker that costs no scheduler pass when the kernel
+takes the data at once.
+
+hypercorn's ``TCPServer.protocol_send`` writes every chunk of a response by taking the
+connection's ``send_lock`` (a checkpoint), opening a shielded cancel scope and calling
+``SocketStream.send_all`` (another checkpoint). Those two trio scheduler passes are
+nearly all of what a small frame costs (docs/hypercorn-write-path.md has the figures).
+`install` replaces that one method with one that, when the lock is free, takes it
+without a checkpoint and writes with one non-blocking ``os.write`` on the socket's
+descriptor; when the lock is held, or the kernel takes only part of the data, it
+falls back to what hypercorn does (lock, shield, ``send_all``), so ordering and the
+"a started write finishes" promise are kept. Any ``OSError`` from the write closes
+the connection as hypercorn's own path does (``send_all`` turns every ``OSError``
+into ``BrokenResourceError`` or ``ClosedResourceError``, both of which it maps to
+``Closed``). Cancellation is delivered at the caller's next checkpoint (a response
+body's channel ``receive``); and so that a body which never checkpoints between
+chunks cannot starve the other tasks, every `YIELD_EVERY`-th fast write checkpoints.
+
+Why a replacement checked against a source hash, over a pinned hypercorn: the method
+is a private detail of hypercorn, and its semantics (which lock, which errors mean
+closed) are what this code mirrors. `install` hashes the method's source and, when it
+is not the one this module was written against, logs a warning and leaves hypercorn
+alone: an upgrade costs the speed-up, never correctness. pyproject.toml pins the
+version the hash was taken from, so the check fails in the tests, not in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import textwrap
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.tcp_server import TCPServer
+
+log = logging.getLogger("chatwatch.fastsend")
+
+# sha256 of the dedented source of hypercorn 0.18.0's TCPServer.protocol_send.
+EXPECTED_SOURCE_SHA256 = "22b51ba714d07580a0c352848e88b4e849e977e2891eebfbf36286492a3696c8"
+
+# A fast write never checkpoints; one in this many does, so a body loop that itself
+# never checkpoints still lets other tasks run (and sees its cancellation).
+YIELD_EVERY = 64
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counts for tests and measurements: which way each write went."""
+
+    fast: int = 0  # written whole by one os.write, no scheduler pass
+    partial: int = 0  # the kernel took part (or none): the rest went hypercorn's way
+    closed: int = 0  # the write failed: the connection was handled as closed
+
+
+stats = Stats()
+
+_Send = Callable[[TCPServer, Event], Coroutine[Any, Any, None]]
+_original: _Send | None = None
+
+
+def source_sha256(function: Callable[..., object]) -> str:
+    """The hash `install` compares: of the source, dedented, so only code changes count."""
+    source = textwrap.dedent(inspect.getsource(function))
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def installed() -> bool:
+    return _original is not None
+
+
+def install() -> bool:
+    """Replace `TCPServer.protocol_send` once; True when the fast path is in place.
+
+    Idempotent. Refuses (a warning, hypercorn untouched) where the upstream method is
+    not the one this module mirrors or where a socket's descriptor cannot be written
+    with ``os.write`` (not POSIX).
+    """
+    global _original
+    if _original is not None:
+        return True
+    if os.name != "posix":
+        log.warning("fast send: not on %s (os.write on a socket is POSIX); left off", os.name)
+        return False
+    original = TCPServer.protocol_send
+    try:
+        digest = source_sha256(original)
+    except (OSError, TypeError) as exc:
+        log.warning("fast send: cannot read hypercorn's protocol_send (%s); left off", exc)
+        return False
+    if digest != EXPECTED_SOURCE_SHA256:
+        log.warning(
+            "fast send: hypercorn's TCPServer.protocol_send is not the one this adapter "
+            "mirrors (source sha256 %s); left off",
+            digest[:12],
+        )
+        return False
+    _original = original
+    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    return True
+
+
+def uninstall() -> None:
+    """Put hypercorn's method back (for tests and measurements)."""
+    global _original
+    if _original is not None:
+        TCPServer.protocol_send = _original  # type: ignore[method-assign, assignment]
+        _original = None
+
+
+async def _protocol_send(self: TCPServer, event: Event) -> None:
+    original = _original
+    assert original is not None  # only installed together with _original
+    # Annotated upstream as an SSLStream; a SocketStream when there is no TLS.
+    stream: trio.abc.Stream = self.stream
+    lock = self.send_lock
+    if (
+        type(event) is not RawData
+        or not isinstance(stream, trio.SocketStream)  # TLS: the SSL object owns the bytes
+        or lock.locked()
+        or not event.data
+    ):
+        await original(self, event)
+        return
+    data = event.data
+    lock.acquire_nowait()  # free, checked above, and nothing ran since: cannot block
+    try:
+        try:
+            sent = os.write(stream.socket.fileno(), data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            stats.closed += 1
+            # EPIPE, ECONNRESET, EBADF (closed): hypercorn's send_all raises
+            # BrokenResourceError or ClosedResourceError for these and it handles both so.
+            await self.protocol.handle(Closed())
+            sent = -1
+        if 0 <= sent < len(data):
+            stats.partial += 1
+            # The kernel's buffer is full: the rest goes hypercorn's way, still under the
+            # lock, so no later chunk can overtake it.
+            try:
+                with trio.CancelScope(shield=True):
+                    await stream.send_all(memoryview(data)[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+            return
+    finally:
+        lock.release()
+    if sent < 0:
+        # hypercorn's path always checkpoints; a body writing into a dead connection
+        # without one would spin and starve the reader that is to tell it so.
+        await trio.lowlevel.checkpoint()
+        return
+    stats.fast += 1
+    countdown: int = getattr(self, "_chatwatch_fast_writes", YIELD_EVERY) - 1
+    if countdown <= 0:
+        countdown = YIELD_EVERY
+        self._chatwatch_fast_writes = countdown  # type: ignore[attr-defined]
+        await trio.lowlevel.checkpoint()
+    else:
+        self._chatwatch_fast_writes = countdown  # type: ignore[attr-defined]

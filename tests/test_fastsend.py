@@ -1,0 +1,372 @@
+"""app.fastsend: hypercorn's write path without a scheduler pass, on real sockets.
+
+The servers here are hypercorn's trio worker serving a bare ASGI app (what the adapter
+replaces sits below the app), the clients raw trio sockets with h11 parsing the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import tomllib
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import h11
+import hypercorn.config
+import hypercorn.trio
+import pytest
+import trio
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.tcp_server import TCPServer
+
+from app import fastsend
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT = 15.0  # a hang guard, not a performance limit
+FRAME = 70
+
+
+def frame(i: int) -> bytes:
+    """Frame `i`: distinct, fixed size, so a lost, doubled or swapped chunk shows."""
+    return f"data: {i:010d} ".encode().ljust(FRAME - 1, b"x") + b"\n"
+
+
+@pytest.fixture(params=["fast", "hypercorn"])
+def write_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every end-to-end test runs with the adapter and without: same behaviour."""
+    fastsend.uninstall()
+    if request.param == "fast":
+        assert fastsend.install()
+    yield request.param
+    fastsend.uninstall()
+
+
+@pytest.fixture
+def fast() -> Iterator[None]:
+    fastsend.uninstall()
+    assert fastsend.install()
+    yield
+    fastsend.uninstall()
+
+
+class StreamApp:
+    """``GET /stream/N``: N frames, one body chunk each, then the end of the body.
+    ``GET /forever``: frames until the client goes. ``POST /echo``: the body back."""
+
+    def __init__(self) -> None:
+        self.ended = trio.Event()
+        self.counting = False
+        self.task: trio.lowlevel.Task | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if path == "/echo":
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            headers = [(b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if path == "/forever":
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._until_disconnect, receive, nursery.cancel_scope)
+                    i = 0
+                    while True:
+                        await send(
+                            {"type": "http.response.body", "body": frame(i), "more_body": True}
+                        )
+                        i += 1
+            finally:
+                self.ended.set()
+        count = int(path.rsplit("/", 1)[1])
+        self.task = trio.lowlevel.current_task()
+        self.counting = True
+        for i in range(count):
+            await send({"type": "http.response.body", "body": frame(i), "more_body": True})
+        self.counting = False
+        await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    async def _until_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+
+@asynccontextmanager
+async def serving(app: Any, *, sndbuf: int | None = None) -> AsyncGenerator[int, None]:
+    """hypercorn serving `app` on 127.0.0.1; yields the port. `sndbuf` is set on the
+    listener, which accepted connections inherit."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if sndbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    port = int(listener.getsockname()[1])
+    config = hypercorn.config.Config()
+    config.bind = [f"fd://{listener.detach()}"]
+    config.accesslog = None
+    config.graceful_timeout = 1
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: hypercorn.trio.serve(
+                app, config, shutdown_trigger=stop.wait, task_status=task_status
+            )
+        )
+        try:
+            yield port
+        finally:
+            stop.set()
+
+
+async def connect(port: int, *, rcvbuf: int | None = None) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    with trio.fail_after(LIMIT):
+        await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def request(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    read_size: int = 65536,
+) -> tuple[int, bytes]:
+    """One request on `conn`; the status and the whole body."""
+    headers = [("host", "test")]
+    if body:
+        headers.append(("content-length", str(len(body))))
+    out = conn.send(h11.Request(method=method, target=path, headers=headers))
+    if body:
+        out += conn.send(h11.Data(data=body))
+    out += conn.send(h11.EndOfMessage())
+    status = 0
+    received = bytearray()
+    with trio.fail_after(LIMIT):
+        await stream.send_all(out)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(read_size))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                received += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, bytes(received)
+            else:
+                raise AssertionError(event)
+
+
+# ------------------------------------------------------------ the upstream check
+
+
+def test_hypercorn_is_the_version_and_code_the_adapter_mirrors() -> None:
+    """Fails when hypercorn moves: the pin, the installed version and the source hash
+    of the one method replaced must all move together (then re-read that method)."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"hypercorn=={version('hypercorn')}" in deps
+    original = fastsend._original or TCPServer.protocol_send
+    assert fastsend.source_sha256(original) == fastsend.EXPECTED_SOURCE_SHA256
+
+
+def test_install_refuses_code_it_does_not_know(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fastsend.uninstall()
+
+    async def changed_upstream(self: TCPServer, event: Event) -> None:
+        del self, event
+
+    monkeypatch.setattr(TCPServer, "protocol_send", changed_upstream)
+    with caplog.at_level(logging.WARNING, "chatwatch.fastsend"):
+        assert not fastsend.install()
+    assert TCPServer.protocol_send is changed_upstream
+    assert not fastsend.installed()
+    assert "not the one this adapter mirrors" in caplog.text
+
+
+def test_install_is_idempotent_and_uninstall_restores() -> None:
+    fastsend.uninstall()
+    original = TCPServer.protocol_send
+    assert fastsend.install()
+    replaced = TCPServer.protocol_send
+    assert replaced is not original
+    assert fastsend.install()
+    assert TCPServer.protocol_send is replaced
+    fastsend.uninstall()
+    assert TCPServer.protocol_send is original
+
+
+# ------------------------------------------------------------ end to end
+
+
+async def test_frames_arrive_exactly_and_in_order_through_a_slow_reader(write_path: str) -> None:
+    """Small buffers on both ends and a reader taking 512 bytes a turn: the kernel takes
+    part of many writes, whose rest must go out before any later frame."""
+    count = 20000
+    app = StreamApp()
+    before = fastsend.stats.partial
+    async with serving(app, sndbuf=4096) as port:
+        stream = await connect(port, rcvbuf=4096)
+        async with stream:
+            status, body = await request(
+                stream, h11.Connection(h11.CLIENT), "GET", f"/stream/{count}", read_size=512
+            )
+    assert status == 200
+    expected = b"".join(frame(i) for i in range(count))
+    assert len(body) == len(expected)
+    assert body == expected
+    if write_path == "fast":
+        assert fastsend.stats.partial > before  # the fallback was exercised
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_client_going_away_ends_the_stream(write_path: str, how: str) -> None:
+    app = StreamApp()
+    async with serving(app) as port:
+        stream = await connect(port)
+        conn = h11.Connection(h11.CLIENT)
+        out = conn.send(h11.Request(method="GET", target="/forever", headers=[("host", "t")]))
+        with trio.fail_after(LIMIT):
+            await stream.send_all(out)
+            received = b""
+            while received.count(b"\n") < 100:
+                received += await stream.receive_some(65536)
+        if how == "reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        with trio.fail_after(LIMIT):
+            await app.ended.wait()
+
+
+async def test_ordinary_requests_still_work(write_path: str) -> None:
+    app = StreamApp()
+    async with serving(app) as port:
+        stream = await connect(port)
+        async with stream:
+            conn = h11.Connection(h11.CLIENT)
+            assert await request(stream, conn, "POST", "/echo", b"hello") == (200, b"hello")
+            conn.start_next_cycle()  # the same connection, kept alive
+            big = bytes(range(256)) * 4096  # 1 MiB: more than one write
+            assert await request(stream, conn, "POST", "/echo", big) == (200, big)
+            conn.start_next_cycle()
+            status, body = await request(stream, conn, "GET", "/stream/3")
+            assert (status, body) == (200, frame(0) + frame(1) + frame(2))
+
+
+class Steps(trio.abc.Instrument):
+    """Scheduler passes of the app's body loop while it writes."""
+
+    def __init__(self, app: StreamApp) -> None:
+        self.app = app
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.app.task and self.app.counting:
+            self.steps += 1
+
+
+async def test_a_frame_the_kernel_takes_whole_costs_no_scheduler_pass(write_path: str) -> None:
+    """What the adapter is for, counted rather than timed: hypercorn's own path parks the
+    writing task twice a frame (the lock, the send); the fast path once in YIELD_EVERY."""
+    count = 1000  # 70 kB: the kernel's loopback buffers take it all
+    app = StreamApp()
+    steps = Steps(app)
+    async with serving(app) as port:
+        stream = await connect(port)
+        async with stream:
+            trio.lowlevel.add_instrument(steps)
+            try:
+                status, _ = await request(
+                    stream, h11.Connection(h11.CLIENT), "GET", f"/stream/{count}"
+                )
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+    assert status == 200
+    if write_path == "fast":
+        assert steps.steps <= count // fastsend.YIELD_EVERY + 10
+    else:
+        assert steps.steps >= 2 * count
+
+
+# ------------------------------------------------------------ a write that fails
+
+
+class Recorder:
+    """Stands in for hypercorn's protocol object: records what the write path tells it."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def handle(self, event: Event) -> None:
+        self.events.append(event)
+
+
+@pytest.mark.parametrize("use_fast", [True, False], ids=["fast", "hypercorn"])
+@pytest.mark.parametrize("peer", ["reset", "closed-unix", "closed-here"])
+async def test_a_failed_write_is_a_closed_connection_as_upstream_has_it(
+    use_fast: bool, peer: str
+) -> None:
+    """ECONNRESET (a TCP peer's reset), EPIPE (a closed peer) and EBADF (our own socket
+    closed) all end in one ``Closed`` handed to the protocol, with either write path."""
+    fastsend.uninstall()
+    if use_fast:
+        assert fastsend.install()
+    try:
+        if peer == "closed-here":
+            ours = trio.socket.socket()
+            ours.close()
+        elif peer == "closed-unix":
+            ours, theirs = trio.socket.socketpair()
+            theirs.close()
+        else:
+            listener = trio.socket.socket()
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            ours = trio.socket.socket()
+            with trio.fail_after(LIMIT):
+                await ours.connect(listener.getsockname())
+                theirs, _ = await listener.accept()
+            listener.close()
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            theirs.close()
+            with trio.fail_after(LIMIT):  # the RST has arrived once a read sees it
+                with pytest.raises(ConnectionResetError):
+                    await ours.recv(1)
+        server = TCPServer.__new__(TCPServer)  # only what protocol_send uses
+        server.stream = trio.SocketStream(ours)  # type: ignore[assignment]
+        server.send_lock = trio.Lock()
+        recorder = Recorder()
+        closed_before = fastsend.stats.closed
+        server.protocol = recorder  # type: ignore[assignment]
+        with ours, trio.fail_after(LIMIT):
+            await server.protocol_send(RawData(data=frame(0)))
+            await server.protocol_send(RawData(data=frame(1)))
+        assert all(isinstance(e, Closed) for e in recorder.events)
+        assert recorder.events  # at least the second write fails
+        assert not server.send_lock.locked()
+        assert (fastsend.stats.closed > closed_before) == use_fast  # the path under test
+    finally:
+        fastsend.uninstall()
