@@ -23,10 +23,10 @@ from typing import Protocol, TypeVar
 import trio
 
 from app import ids, sse
-from app.errors import BusUnavailable, unwrap_single
+from app.errors import BusUnavailable, HistoryError, unwrap_single
 from app.events import parse_event
 from app.history import History
-from app.jsapi import ApiError
+from app.jsapi import ApiError, JetStreamUnavailable
 from app.outbox import Outbox
 from app.singleflight import SingleFlight
 
@@ -41,9 +41,13 @@ SLOW_CONSUMER = sse.error_frame("slow consumer: events were arriving faster than
 # (subject, payload, headers): headers as nats-py gives them, a dict or None.
 MessageHandler = Callable[[str, bytes, dict[str, str] | None], None]
 HISTORY_NOT_AVAILABLE = sse.error_frame("history not available")
+EVENTS_MISSING = sse.error_frame("events are missing: they are not in the stream")
 # Live messages a topic holds while it fetches what its live path missed; beyond, they
 # are dropped and fetched from the stream too.
 _TOPIC_HOLD = 10000
+_NO_GAP = 2**63
+# Catch-ups in a row that find nothing before a gap is taken as final (about 15 s).
+_FRUITLESS_LIMIT = 8
 _RETRY_MAX = 2.0
 
 
@@ -97,6 +101,7 @@ class Watcher:
         "outbox",
         "overflowed",
         "owner",
+        "replayed",
         "resume",
         "told_down",
         "topic",
@@ -117,6 +122,9 @@ class Watcher:
         # (seq, frame), sent after the replay (those it already replayed are skipped).
         self.held: list[tuple[int, bytes]] | None = None
         self.held_bytes = 0
+        # Set when the replay went further than the topic's live path has come (its
+        # catch-up is behind): the watcher goes live once the topic reaches this seq.
+        self.replayed: int | None = None
         self.attached = False
         self.overflowed = False
         self.told_down = False
@@ -133,6 +141,8 @@ class Topic:
         "conversation_id",
         "cursor",
         "failed",
+        "fruitless",
+        "gap_from",
         "held",
         "held_overflow",
         "last_on",
@@ -160,6 +170,10 @@ class Topic:
         self.held: list[tuple[str, bytes, dict[str, str] | None]] | None = None
         self.held_overflow = False
         self.wake = trio.Event()
+        # Where the next catch-up starts if a gap was seen on one kind (see _catch_up).
+        self.gap_from = _NO_GAP
+        # Catch-ups in a row that found nothing to fill.
+        self.fruitless = 0
         self.live = trio.Event()
         # Cancelled by the last watcher's `leave`, even mid-subscribe: the bus removes
         # the subscription under a shield, and never cancels a pending flush.
@@ -177,6 +191,25 @@ class _ReplayPage:
 
 # A replay goes to the outbox in pieces of about this many bytes.
 _REPLAY_CHUNK = 64 * 1024
+# A replay that read less than the watcher's floor reads again, this often, so long.
+_FLOOR_RETRY = 0.05
+_FLOOR_TRIES = 100
+
+
+class ReplayIncomplete(Exception):
+    """The stream does not (yet) hold what a replay must include."""
+
+
+# What a read of the history can fail with: each is a replay that cannot be made now
+# (the client is told), never a crash of the watcher's task.
+_HISTORY_ERRORS = (
+    BusUnavailable,
+    ApiError,
+    JetStreamUnavailable,
+    HistoryError,
+    ReplayIncomplete,
+    TimeoutError,
+)
 
 
 def _cut_off(w: Watcher) -> bool:
@@ -352,7 +385,7 @@ class Hub:
             # the client saw `:ok` is after that point, so it is replayed or live.
             try:
                 replay_from, refused = await self._replay_start(w, history, resume)
-            except (BusUnavailable, ApiError, TimeoutError) as exc:
+            except _HISTORY_ERRORS as exc:
                 log.warning("replay for %s not possible: %s", topic.conversation_id, exc)
                 refused = sse.error_frame("history not available: the replay failed")
         if w.overflowed or w.ended or topic.failed or self._closed or w not in topic.members:
@@ -372,9 +405,12 @@ class Hub:
         # stored after the fetch's last read is among them.
         w.held = []
         topic.replaying.append(w)
+        # Everything up to here went out live before `held` started: the replay must
+        # reach at least this far (a shared page or a replica may be older than that).
+        floor = topic.cursor
         try:
-            replayed = await self._send_replay(w, history, replay_from)
-        except (BusUnavailable, ApiError, TimeoutError) as exc:
+            replayed = await self._send_replay(w, history, replay_from, floor)
+        except _HISTORY_ERRORS as exc:
             log.warning("replay for conversation %s failed: %s", topic.conversation_id, exc)
             self._push(w, sse.error_frame("history not available: the replay failed"))
             replayed = replay_from
@@ -409,23 +445,33 @@ class Hub:
         position = await self._shared(("position", cid), lambda: history.position(cid))
         return position.message, refused
 
-    async def _send_replay(self, w: Watcher, history: History, after: int) -> int:
+    async def _send_replay(self, w: Watcher, history: History, after: int, floor: int) -> int:
         cid = w.topic.conversation_id
         cap = self._replay_cap
         kept: deque[bytes] = deque(maxlen=cap)
         seen = 0
         last = after
         more = True
-        while more:
-            page = await self._shared(
-                ("frames", cid, last), functools.partial(self._replay_page, history, cid, last)
-            )
+        tries = 0
+        while more or last < floor:
+            if more:
+                # Shared with concurrent identical reads (a reconnect storm).
+                page = await self._shared(
+                    ("frames", cid, last),
+                    functools.partial(self._replay_page, history, cid, last),
+                )
+            else:
+                # The answer was read before events this watcher did not get live were
+                # stored (or by a replica behind the leader): read again, on its own.
+                tries += 1
+                if tries > _FLOOR_TRIES:
+                    raise ReplayIncomplete(f"the stream did not reach seq {floor}")
+                await trio.sleep(_FLOOR_RETRY)
+                page = await self._replay_page(history, cid, last)
             seen += len(page.frames)
             kept.extend(page.frames)
             more = page.more
-            if page.last == last:
-                break
-            last = page.last
+            last = max(last, page.last)
         self.replays += 1
         if seen > cap:
             await w.outbox.put(
@@ -445,6 +491,8 @@ class Hub:
         if chunk:
             await w.outbox.put(b"".join(chunk))
         self.events_replayed += len(kept)
+        # Live frames (held meanwhile) go next: leave them half the byte budget.
+        await w.outbox.wait_room(self._buffer_bytes // 2)
         return last
 
     async def _replay_page(self, history: History, cid: str, after: int) -> _ReplayPage:
@@ -467,13 +515,28 @@ class Hub:
         return await self._flights.call(key, fn)
 
     def _go_live(self, w: Watcher, replayed: int) -> None:
-        """The seam, in one synchronous step: held frames after the replay, then live."""
+        """The seam, in one synchronous step: held frames after the replay, then live.
+
+        If the replay went further than the topic's live path has come (the topic is
+        still catching up after a reconnect), the watcher keeps collecting until the
+        topic reaches `replayed` (see `_fanout`): attached now, it would get the
+        catch-up's events a second time.
+        """
+        topic = w.topic
+        if w.overflowed or w.ended or w not in topic.members or self._closed:
+            self._detach(w)
+            return
+        if replayed > topic.cursor and w.held is not None:
+            w.replayed = replayed
+            return
+        self._promote(w, replayed)
+
+    def _promote(self, w: Watcher, replayed: int) -> None:
         topic = w.topic
         held, w.held = w.held, None
+        w.replayed = None
         if w in topic.replaying:
             topic.replaying.remove(w)
-        if w.overflowed or w not in topic.members or self._closed:
-            return
         for seq, frame in held or ():
             if seq > replayed:
                 self._push(w, frame)
@@ -547,6 +610,7 @@ class Hub:
                     slow = []
                 slow.append(w)
         self.events_out += len(topic.attached)
+        ready: list[Watcher] | None = None
         if topic.replaying:
             for w in topic.replaying:
                 held = w.held
@@ -554,6 +618,10 @@ class Hub:
                 if len(held) < self._buffer and w.held_bytes <= cap:
                     held.append((seq, frame))
                     w.held_bytes += size
+                    if w.replayed is not None and seq >= w.replayed:
+                        if ready is None:
+                            ready = []
+                        ready.append(w)
                 else:
                     if slow is None:
                         slow = []
@@ -563,6 +631,11 @@ class Hub:
                 if w.attached:
                     self.events_out -= 1
                 self._overflow(w)
+        if ready is not None:
+            # The topic has reached where these watchers' replays ended.
+            for w in ready:
+                if w.held is not None and w.replayed is not None:
+                    self._promote(w, w.replayed)
 
     # -- history: the live path with positions -----------------------------------
 
@@ -595,17 +668,34 @@ class Hub:
         if seq <= topic.cursor:
             return
         if kind in topic.last_on and previous != topic.last_on[kind]:
-            log.info(
-                "conversation %s: gap before seq %d (%s after %d, expected %d); fetching",
-                topic.conversation_id,
-                seq,
-                kind,
-                previous,
-                topic.last_on[kind],
-            )
-            topic.held = [(subject, payload, headers)]
-            topic.wake.set()
-            return
+            if topic.fruitless >= _FRUITLESS_LIMIT and previous > topic.last_on[kind]:
+                # The stream no longer has (or never had) what is missing: say so once,
+                # and go on rather than hold this conversation forever.
+                log.warning(
+                    "conversation %s: events of %s between %d and %d are not in the stream",
+                    topic.conversation_id,
+                    kind,
+                    topic.last_on[kind],
+                    previous,
+                )
+                topic.fruitless = 0
+                for w in topic.attached:
+                    self._push(w, EVENTS_MISSING)
+            else:
+                log.info(
+                    "conversation %s: gap before seq %d (%s after %d, expected %d); fetching",
+                    topic.conversation_id,
+                    seq,
+                    kind,
+                    previous,
+                    topic.last_on[kind],
+                )
+                # Fetch from the last event of this kind: a missed event of the other
+                # kind may lie below the cursor already (delivered late, not lost).
+                topic.gap_from = min(topic.gap_from, topic.last_on[kind])
+                topic.held = [(subject, payload, headers)]
+                topic.wake.set()
+                return
         self._deliver_stored(topic, kind, seq, payload)
 
     def _deliver_stored(self, topic: Topic, kind: str, seq: int, payload: bytes) -> None:
@@ -627,23 +717,40 @@ class Hub:
             self._deliver_live(topic, subject, payload, headers)
 
     async def _catch_up(self, topic: Topic, history: History) -> None:
-        """Fetch and fan out everything after the cursor, then release held live events."""
+        """Fetch and fan out everything after the cursor, then release held live events.
+
+        Normally from the cursor. After a gap on one kind, from the last event of that
+        kind: an event of it that the live path lost below the cursor (later events of
+        the other kind went out first) is delivered late rather than never.
+        """
         cid = topic.conversation_id
         delay = 0.05
         filled = 0
+        if topic.fruitless:
+            # The last catch-up found nothing (a replica behind, an event not stored
+            # yet): do not ask again at once.
+            await trio.sleep(min(_FLOOR_RETRY * 2**topic.fruitless, _RETRY_MAX))
+        start = min(topic.cursor, topic.gap_from)
+        topic.gap_from = _NO_GAP
         while True:
             try:
-                batch, more = await history.fetch(cid, topic.cursor)
-            except (BusUnavailable, ApiError, TimeoutError) as exc:
+                batch, more = await history.fetch(cid, start)
+            except _HISTORY_ERRORS as exc:
                 log.info("conversation %s: catch-up waits (%s)", cid, exc)
                 await self._bus.wait_connected()
                 await trio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
             for m in batch:
+                kind = m.subject.split(".")[1]
                 if m.seq > topic.cursor:
                     filled += 1
-                    self._deliver_stored(topic, m.subject.split(".")[1], m.seq, m.data)
+                    self._deliver_stored(topic, kind, m.seq, m.data)
+                elif m.seq > topic.last_on.get(kind, m.seq):
+                    filled += 1
+                    self._deliver_late(topic, kind, m.seq, m.data)
+            if batch:
+                start = batch[-1].seq
             if more and batch:
                 continue
             if topic.held_overflow:
@@ -654,15 +761,36 @@ class Hub:
             break
         if filled:
             self.gaps_filled += 1
+            topic.fruitless = 0
             log.info("conversation %s: %d missed events delivered from the stream", cid, filled)
+        else:
+            topic.fruitless += 1
         self._release_held(topic)
+
+    def _deliver_late(self, topic: Topic, kind: str, seq: int, payload: bytes) -> None:
+        """An event the live path lost, found below the cursor: out of order, not lost."""
+        history = self.history
+        assert history is not None
+        log.warning(
+            "conversation %s: seq %d (%s) delivered after later events (seq %d)",
+            topic.conversation_id,
+            seq,
+            kind,
+            topic.cursor,
+        )
+        topic.last_on[kind] = seq
+        event = parse_event(kind, payload, self._max_payload, history.event_id(seq))
+        if event is None:
+            self.dropped += 1
+            return
+        self._fanout(topic, event.frame, seq)
 
     async def _start_position(self, topic: Topic, history: History) -> None:
         delay = 0.05
         while True:
             try:
                 position = await history.position(topic.conversation_id)
-            except (BusUnavailable, ApiError, TimeoutError) as exc:
+            except _HISTORY_ERRORS as exc:
                 log.info("conversation %s: position waits (%s)", topic.conversation_id, exc)
                 await self._bus.wait_connected()
                 await trio.sleep(delay)
@@ -727,14 +855,21 @@ class Hub:
             w.outbox.close()
 
     def _on_bus_status(self, connected: bool) -> None:
-        if connected:
-            if self.history is not None:
-                # Whatever was stored while the connection was down (or moving to
-                # another server) is fetched before the next live event goes out.
-                for topic in self._topics.values():
-                    if topic.live.is_set() and topic.held is None:
+        if self.history is not None:
+            for topic in self._topics.values():
+                if not topic.live.is_set():
+                    continue
+                if not connected:
+                    # Hold from the disconnect on: nats-py delivers again as soon as it
+                    # has re-sent the SUBs, before it reports the reconnect, and what
+                    # was stored meanwhile must go out first.
+                    if topic.held is None:
                         topic.held = []
-                        topic.wake.set()
+                else:
+                    if topic.held is None:
+                        topic.held = []
+                    topic.wake.set()
+        if connected:
             return
         for topic in self._topics.values():
             for w in list(topic.members):

@@ -11,7 +11,7 @@ import trio
 
 
 class Outbox:
-    __slots__ = ("_max_bytes", "_recv", "_send", "_window", "queued_bytes")
+    __slots__ = ("_closed", "_drained", "_max_bytes", "_recv", "_send", "_window", "queued_bytes")
 
     def __init__(self, max_frames: int, max_bytes: int, window: float = 0.0) -> None:
         self._send, self._recv = trio.open_memory_channel[bytes](max_frames)
@@ -19,6 +19,9 @@ class Outbox:
         # Seconds a frame may wait for others to be written with it (--write-window).
         self._window = window
         self.queued_bytes = 0
+        # Set (and replaced) whenever the reader takes bytes: what `put` waits on.
+        self._drained = trio.Event()
+        self._closed = False
 
     def offer(self, frame: bytes) -> bool:
         """Queue without blocking; False when either limit would be passed.
@@ -44,24 +47,40 @@ class Outbox:
             pass
         else:
             self.queued_bytes += len(frame)
-        self._send.close()
+        self.close()
 
     async def put(self, frame: bytes) -> None:
-        """Queue, waiting for room (a replay is paced by its reader).
+        """Queue, waiting for room in frames and in bytes (a replay is paced by its
+        reader, and leaves the byte budget to live frames once it is read).
 
         Raises:
             trio.ClosedResourceError: the outbox was closed (the watcher was cut off).
         """
+        await self.wait_room(self._max_bytes - len(frame))
         await self._send.send(frame)
         self.queued_bytes += len(frame)
 
+    async def wait_room(self, queued_at_most: int) -> None:
+        """Until no more than `queued_at_most` bytes wait (or nothing does)."""
+        while self.queued_bytes > max(queued_at_most, 0):
+            if self._closed:
+                raise trio.ClosedResourceError("the outbox is closed")
+            await self._drained.wait()
+
+    def _took(self, size: int) -> None:
+        self.queued_bytes -= size
+        self._drained.set()
+        self._drained = trio.Event()
+
     def close(self) -> None:
         self._send.close()
+        self._closed = True
+        self._drained.set()  # a `put` waiting for room learns it is closed
 
     def receive_nowait(self) -> bytes:
         """One frame. Raises trio.WouldBlock (empty) or trio.EndOfChannel (closed)."""
         frame = self._recv.receive_nowait()
-        self.queued_bytes -= len(frame)
+        self._took(len(frame))
         return frame
 
     async def take(self, coalesce: int) -> bytes:
@@ -77,7 +96,7 @@ class Outbox:
         try:
             second = self._recv.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
-            self.queued_bytes -= len(first)
+            self._took(len(first))
             return first
         parts = [first, second]
         size = len(first) + len(second)
@@ -88,7 +107,7 @@ class Outbox:
                 size += len(frame)
         except (trio.WouldBlock, trio.EndOfChannel):
             pass
-        self.queued_bytes -= size
+        self._took(size)
         return b"".join(parts)
 
     async def _gather(self, first: bytes, coalesce: int) -> bytes:
@@ -104,5 +123,5 @@ class Outbox:
                     size += len(frame)
             except trio.EndOfChannel:
                 pass  # the end comes at the next take
-        self.queued_bytes -= size
+        self._took(size)
         return parts[0] if len(parts) == 1 else b"".join(parts)

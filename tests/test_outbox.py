@@ -64,3 +64,31 @@ async def test_the_window_ends_early_when_the_outbox_closes(
     assert trio.current_time() == started
     with pytest.raises(trio.EndOfChannel):
         await box.take(1024)
+
+
+async def test_put_waits_for_byte_room_and_a_close_ends_the_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Outbox(max_frames=100, max_bytes=10)
+    await box.put(b"12345678")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.put, b"abcd")  # 12 bytes would pass the budget: waits
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.queued_bytes == 8
+        assert await box.take(1024) == b"12345678"
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.queued_bytes == 4
+
+
+async def test_a_put_waiting_for_room_fails_when_the_outbox_closes() -> None:
+    box = Outbox(max_frames=100, max_bytes=10)
+    await box.put(b"12345678")
+    async with trio.open_nursery() as nursery:
+
+        async def close_later() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            box.close()
+
+        nursery.start_soon(close_later)
+        with pytest.raises(trio.ClosedResourceError):
+            await box.put(b"abcd")
