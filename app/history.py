@@ -179,7 +179,8 @@ class History:
         Deleted events are the oldest ones: of the whole stream (age) or of one subject
         (the per-conversation limit). A subject that was never trimmed and a stream
         whose first kept event is at most ``after + 1`` lose nothing after `after`;
-        otherwise the gap is refused rather than replayed partially.
+        otherwise the gap is refused rather than replayed partially. Not seen: events
+        an operator deleted or purged by hand (README, limits).
         """
         info = await self._bus.call(jsapi.stream_info, self.cfg.stream, f"chat.*.{conversation_id}")
         created = epoch_of(str(info.get("created", "")))
@@ -191,10 +192,13 @@ class History:
         if after > last:
             return "it is newer than anything stored"
         counts: dict[str, int] = state.get("subjects") or {}
+        # The stream's own limit, not our flag: the stream may predate the flag's value.
+        limit = int((info.get("config") or {}).get("max_msgs_per_subject", -1))
         for kind in ("chunk", "message"):
             subject = f"chat.{kind}.{conversation_id}"
             count = int(counts.get(subject, 0))
-            if count < self.cfg.max_per_conversation and after + 1 >= first:
+            never_trimmed = limit <= 0 or count < limit
+            if never_trimmed and after + 1 >= first:
                 continue
             oldest = await self._bus.call(
                 jsapi.direct_get, self.cfg.stream, {"seq": 1, "next_by_subj": subject}

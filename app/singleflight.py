@@ -11,6 +11,7 @@ distinct questions queues here instead of flooding NATS with requests that time 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -42,14 +43,18 @@ class SingleFlight:
         flight: _Flight[T] | None = self._flights.get(key)
         if flight is None:
             flight = _Flight()
+            # Started before it is registered: a closed nursery raises here, and
+            # leaves no key behind for later callers to wait on forever.
+            self._nursery.start_soon(self._run, key, flight, fn)
             self._flights[key] = flight
             self.calls += 1
-            self._nursery.start_soon(self._run, key, flight, fn)
         else:
             self.shared += 1
         await flight.done.wait()
         if flight.error is not None:
-            raise flight.error
+            # A copy per waiter: one exception object raised in many tasks would gather
+            # all their tracebacks (and the reference cycles that come with them).
+            raise copy.copy(flight.error) from flight.error
         return flight.value  # type: ignore[return-value]  # set when error is None
 
     async def _run(self, key: Hashable, flight: _Flight[T], fn: Callable[[], Awaitable[T]]) -> None:
@@ -63,5 +68,5 @@ class SingleFlight:
         finally:
             if not flight.ended:  # cancelled (shutdown): the waiters are told so
                 flight.error = trio.ClosedResourceError("the hub is closed")
-            del self._flights[key]
+            self._flights.pop(key, None)
             flight.done.set()

@@ -72,6 +72,16 @@ def render(line: str, out: TextIO) -> None:
     out.flush()
 
 
+class _TryAgain(Exception):
+    def __init__(self, after: float) -> None:
+        super().__init__(f"the server is busy; retrying in {after:g} s")
+        self.after = after
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    return float(value) if value is not None and value.isdigit() else default
+
+
 # How long the viewer keeps trying to come back after a dropped connection (a deploy,
 # a network blip) before it gives up.
 _GIVE_UP_AFTER = 60.0
@@ -99,24 +109,36 @@ async def watch(url: str, conversation_id: str, token: str, out: TextIO = sys.st
                 httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
                 client.stream("GET", target, headers=headers) as response,
             ):
+                if response.status_code in (429, 503) and connected_once:
+                    # A busy or restarting deployment, after we were watching: wait as
+                    # told and try again (within the same patience as a broken link).
+                    await response.aread()
+                    raise _TryAgain(_retry_after(response.headers.get("Retry-After"), retry))
                 if response.status_code != 200:
                     body = (await response.aread()).decode("utf-8", "replace")
                     print(f"HTTP {response.status_code}: {printable(body)}", file=sys.stderr)
                     return 1
                 trying_since = None
                 connected_once = True
+                pending_id: str | None = None
                 async for line in response.aiter_lines():
                     if line.startswith("id:"):
-                        last_id = line[3:].strip() or last_id
+                        # Taken as the last id only once its event is complete (the
+                        # blank line): a link that breaks mid-event resumes before it.
+                        pending_id = line[3:].strip() or None
+                    elif line == "":
+                        if pending_id is not None:
+                            last_id, pending_id = pending_id, None
                     elif line.startswith("retry:"):
                         asked_to_retry = True
                         digits = line[6:].strip()
                         retry = int(digits) / 1000 if digits.isdigit() else retry
                     else:
                         render(line, out)
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, _TryAgain) as exc:
             # Server not reachable, or the connection broke mid-stream: a message, not a
             # traceback; then try again for a while (the server may be restarting).
+            wait = exc.after if isinstance(exc, _TryAgain) else retry
             if not connected_once:
                 print(f"chatwatch: {target}: {exc}", file=sys.stderr)
                 return 1
@@ -127,7 +149,7 @@ async def watch(url: str, conversation_id: str, token: str, out: TextIO = sys.st
             elif now - trying_since > _GIVE_UP_AFTER:
                 print(f"chatwatch: {target}: {exc}; giving up", file=sys.stderr)
                 return 1
-            await trio.sleep(retry)
+            await trio.sleep(wait)
             continue
         if not asked_to_retry:
             return 0

@@ -10,6 +10,7 @@ import io
 import json
 
 import pytest
+import trio
 
 from app.termwatch import printable, render
 
@@ -69,3 +70,47 @@ def test_values_are_shown_as_json_never_as_python_reprs() -> None:
     assert "True" not in text
     assert "'" not in text
     assert text == '{"a": 1}\n[error] {"code": null}\n\n[tool_call] {"ok": true, "x": null}\n'
+
+
+async def test_a_link_broken_mid_event_resumes_before_that_event() -> None:
+    """The id counts only once its event is complete (SSE's rule): the viewer must not
+    skip the event it was in the middle of receiving."""
+    from app.termwatch import watch
+
+    seen: list[str | None] = []
+
+    async def server(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(4096)
+        headers = dict(
+            line.split(": ", 1) for line in request.decode().split("\r\n")[1:] if ": " in line
+        )
+        seen.append(headers.get("Last-Event-ID"))
+        if len(seen) == 1:
+            body = (
+                b':ok\n\nid: e-1\ndata: {"event":"token","data":{"text":"a"}}\n\n'
+                b'id: e-2\ndata: {"event":"tok'
+            )
+            # Chunked, as chatwatch answers; the link breaks before the last chunk.
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                + f"{len(body):x}\r\n".encode()
+                + body
+                + b"\r\n"
+            )
+        else:
+            await stream.send_all(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, server, 0)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(20):
+            code = await watch(f"http://127.0.0.1:{port}", "x", "t", out=io.StringIO())
+        nursery.cancel_scope.cancel()
+    assert code == 1  # the 401 of the second request ends it
+    assert seen == [None, "e-1"]
