@@ -97,7 +97,7 @@ async def test_metrics_are_the_sum_over_workers_whichever_answers(
                         for t in texts
                     )
 
-                await poll_until(all_counted, limit=15)
+                await poll_until(all_counted, limit=30)
                 answers = [await metrics(srv.port) for _ in range(20)]
             assert all("chatwatch_watchers 12.0" in text for text in answers)
             assert all("chatwatch_workers 2.0" in text for text in answers)
