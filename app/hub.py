@@ -699,11 +699,11 @@ class Hub:
         self._deliver_stored(topic, kind, seq, payload)
 
     def _deliver_stored(self, topic: Topic, kind: str, seq: int, payload: bytes) -> None:
-        history = self.history
-        assert history is not None
-        topic.cursor = seq
+        topic.cursor = max(topic.cursor, seq)
         if kind in topic.last_on:
             topic.last_on[kind] = seq
+        history = self.history
+        assert history is not None
         event = parse_event(kind, payload, self._max_payload, history.event_id(seq))
         if event is None:
             self.dropped += 1
@@ -769,8 +769,6 @@ class Hub:
 
     def _deliver_late(self, topic: Topic, kind: str, seq: int, payload: bytes) -> None:
         """An event the live path lost, found below the cursor: out of order, not lost."""
-        history = self.history
-        assert history is not None
         log.warning(
             "conversation %s: seq %d (%s) delivered after later events (seq %d)",
             topic.conversation_id,
@@ -778,12 +776,7 @@ class Hub:
             kind,
             topic.cursor,
         )
-        topic.last_on[kind] = seq
-        event = parse_event(kind, payload, self._max_payload, history.event_id(seq))
-        if event is None:
-            self.dropped += 1
-            return
-        self._fanout(topic, event.frame, seq)
+        self._deliver_stored(topic, kind, seq, payload)  # the cursor stays where it is
 
     async def _start_position(self, topic: Topic, history: History) -> None:
         delay = 0.05

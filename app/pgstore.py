@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from app import auth
 from app.errors import NotFound, StoreUnavailable
-from app.store import DEFAULT_SESSION_TTL, BatchedAuth, _AuthRequest, _grant
+from app.store import DEFAULT_SESSION_TTL, BatchedAuth, SeedRows, _AuthRequest, _grant
 
 log = logging.getLogger("chatwatch.store")
 
@@ -364,27 +364,24 @@ class PostgresStore(BatchedAuth):
         conversations: dict[str, str],
     ) -> None:
         """Insert rows with given ids and tokens (benchmarks and demos). Idempotent."""
-        now = time.time()
+        rows = SeedRows.of(users, sessions, conversations)
 
         def insert(c: Conn) -> None:
             with c.transaction(), c.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO users (id, name, created_at) VALUES (%s, %s, %s) "
                     "ON CONFLICT DO NOTHING",
-                    [(u, n, now) for u, n in users.items()],
+                    rows.users,
                 )
                 cur.executemany(
                     "INSERT INTO sessions (token_hash, user_id, expires_at, created_at) "
                     "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    [
-                        (auth.hash_token(t), u, now + DEFAULT_SESSION_TTL, now)
-                        for t, u in sessions.items()
-                    ],
+                    rows.sessions,
                 )
                 cur.executemany(
                     "INSERT INTO conversations (id, owner_id, title, created_at) "
                     "VALUES (%s, %s, '', %s) ON CONFLICT DO NOTHING",
-                    [(cid.lower(), o, now) for cid, o in conversations.items()],
+                    rows.conversations,
                 )
 
         await self._run(insert, idempotent=True)  # ON CONFLICT DO NOTHING

@@ -117,6 +117,30 @@ class Store(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class SeedRows:
+    """`Store.seed`'s arguments as table rows, the same for every backend.
+
+    users: user id -> name; sessions: token -> user id (stored hashed);
+    conversations: conversation id -> owner user id (stored lowercase).
+    """
+
+    users: list[tuple[str, str, float]]
+    sessions: list[tuple[str, str, float, float]]
+    conversations: list[tuple[str, str, float]]
+
+    @classmethod
+    def of(
+        cls, users: dict[str, str], sessions: dict[str, str], conversations: dict[str, str]
+    ) -> SeedRows:
+        now = time.time()
+        return cls(
+            [(u, n, now) for u, n in users.items()],
+            [(auth.hash_token(t), u, now + DEFAULT_SESSION_TTL, now) for t, u in sessions.items()],
+            [(cid.lower(), o, now) for cid, o in conversations.items()],
+        )
+
+
 def check_database_url(text: str) -> None:
     """Refuse a URL that can never name a database (for the settings' parser).
 
@@ -516,32 +540,24 @@ class SQLiteStore(BatchedAuth):
         sessions: dict[str, str],
         conversations: dict[str, str],
     ) -> None:
-        """Insert rows with given ids and tokens (benchmarks and demos). Idempotent.
-
-        Args:
-            users: user id -> name. sessions: token -> user id.
-            conversations: conversation id -> owner user id.
-        """
-        now = time.time()
+        """Insert rows with given ids and tokens (benchmarks and demos). Idempotent."""
+        rows = SeedRows.of(users, sessions, conversations)
 
         def insert(c: sqlite3.Connection) -> None:
             with c:
                 c.executemany(
                     "INSERT OR IGNORE INTO users (id, name, created_at) VALUES (?, ?, ?)",
-                    [(u, n, now) for u, n in users.items()],
+                    rows.users,
                 )
                 c.executemany(
                     "INSERT OR IGNORE INTO sessions (token_hash, user_id, expires_at, "
                     "created_at) VALUES (?, ?, ?, ?)",
-                    [
-                        (auth.hash_token(t), u, now + DEFAULT_SESSION_TTL, now)
-                        for t, u in sessions.items()
-                    ],
+                    rows.sessions,
                 )
                 c.executemany(
                     "INSERT OR IGNORE INTO conversations (id, owner_id, title, created_at) "
                     "VALUES (?, ?, '', ?)",
-                    [(cid.lower(), o, now) for cid, o in conversations.items()],
+                    rows.conversations,
                 )
 
         await self._run(insert)

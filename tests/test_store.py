@@ -129,6 +129,16 @@ async def test_authorize_grants_only_the_owner(backend: Backend) -> None:
     await store.aclose()
 
 
+async def test_seed_inserts_given_ids_and_is_idempotent(backend: Backend) -> None:
+    store = await backend.store()
+    cid = "0123ABCD-89ab-cdef-0123-456789abcdef"
+    for _ in range(2):  # the second time changes nothing
+        await store.seed({"user-1": "one"}, {"tok-1": "user-1"}, {cid: "user-1"})
+    grant = await store.authorize("tok-1", cid.lower())
+    assert (grant.access, grant.user_id) == (Access.GRANTED, "user-1")
+    await store.aclose()
+
+
 async def test_concurrent_checks_survive_a_cancelled_leader(backend: Backend) -> None:
     store = await backend.store()
     user = await store.add_user("u")
