@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,13 @@ import trio
 
 from app.store import SQLiteStore
 from tests import sseclient
+from tests.instances import Instance
 from tests.natsproc import NatsProcess
 from tests.ports import free_port
 from tests.rawnats import RawNats
 
 CONVERSATIONS = 10
 CLIENTS = 60
-READY_LIMIT = 30.0
 SETTLE_LIMIT = 30.0
 
 
@@ -50,47 +49,6 @@ class Client:
     numbers: list[int] = field(default_factory=list)
     reconnects: int = 0
     refused: int = 0
-
-
-class Instance:
-    def __init__(self, index: int, port: int, cmd: list[str], log: Path) -> None:
-        self.index = index
-        self.port = port
-        self.cmd = cmd
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=err)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    async def wait_ready(self) -> bool:
-        with trio.move_on_after(READY_LIMIT):
-            while True:
-                try:
-                    with trio.fail_after(2):
-                        status, _h, body = await sseclient.get(self.port, "/readyz")
-                    if status == 200 and json.loads(body).get("history") is True:
-                        return True
-                except (OSError, EOFError, ValueError, trio.TooSlowError):
-                    pass
-                await trio.sleep(0.05)
-        return False
 
 
 def _number(frame: bytes) -> tuple[str | None, int | None]:
@@ -149,7 +107,7 @@ async def run_instance_kills(rep: Reporter, tmp: Path, kills: int, rate: float) 
     try:
         await _run(rep, tmp, kills, rate, nats, instances)
     finally:
-        codes = [inst.stop() for inst in instances]
+        codes = [await trio.to_thread.run_sync(inst.terminate) for inst in instances]
         rep.info(SECTION, "exit codes at the end (SIGTERM)", codes)
         await trio.to_thread.run_sync(nats.stop)
         text = "".join(inst.log.read_text(errors="replace") for inst in instances)
@@ -192,7 +150,7 @@ async def _run(
         inst = Instance(index, port, cmd, tmp / f"instance-{index}.log")
         instances.append(inst)
         inst.start()
-    ready = [await inst.wait_ready() for inst in instances]
+    ready = [await inst.ready() for inst in instances]
     if not rep.check(SECTION, "both instances ready", ready, "<= 30 s", all(ready)):
         return
     clients = [Client(cids[i % CONVERSATIONS], i % 2) for i in range(CLIENTS)]
@@ -231,7 +189,7 @@ async def _run(
             victim.kill()
             await trio.sleep(0.3)
             victim.start()
-            if not await victim.wait_ready():
+            if not await victim.ready():
                 name = f"instance {victim.index} back after kill {k + 1}"
                 rep.check(SECTION, name, "no", "<= 30 s", False)
                 break

@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import trio  # ruff: ignore[module-import-not-at-top-of-file]
 
 from tests import sseclient  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.cluster import Cluster, JsClient, nats_cluster  # ruff: ignore[module-import-not-at-top-of-file]
+from tests.instances import Instance  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.pgproc import (  # ruff: ignore[module-import-not-at-top-of-file]
     PostgresProcess,
     missing_reason,
@@ -51,7 +51,6 @@ from tests.rawnats import RawNats  # ruff: ignore[module-import-not-at-top-of-fi
 DIAG_PORTS: list[int] = []
 NGINX_TEMPLATE = ROOT / "docs" / "deploy" / "nginx.conf"
 CONVERSATIONS = 8
-READY_LIMIT = 45.0
 SETTLE_LIMIT = 30.0
 TOTAL_LIMIT = 420.0
 
@@ -88,48 +87,6 @@ class Report:
             result = "INFO" if r.ok is None else "PASS" if r.ok else "FAIL"
             lines.append(f"{r.phase:<{width[0]}} | {r.check:<{width[1]}} | {r.value} | {result}")
         return "\n".join(lines)
-
-
-class Instance:
-    def __init__(self, index: int, cmd: list[str], port: int, log: Path) -> None:
-        self.index = index
-        self.cmd = cmd
-        self.port = port
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def terminate(self, limit: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(limit)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
-    async def ready(self) -> bool:
-        with trio.move_on_after(READY_LIMIT):
-            while True:
-                try:
-                    with trio.fail_after(2):
-                        status, _h, body = await sseclient.get(self.port, "/readyz")
-                    if status == 200 and json.loads(body).get("history") is True:
-                        return True
-                except (OSError, EOFError, ValueError, trio.TooSlowError):
-                    pass
-                await trio.sleep(0.1)
-        return False
 
 
 @dataclass
@@ -398,7 +355,7 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
                 "--max-watchers-per-session", "100000",
             ]  # fmt: skip
             DIAG_PORTS.append(port)
-            inst = Instance(i + 1, cmd, port, tmp / f"instance-{i + 1}.log")
+            inst = Instance(i + 1, port, cmd, tmp / f"instance-{i + 1}.log")
             inst.start()
             instances.append(inst)
         ready = [await inst.ready() for inst in instances]
@@ -423,7 +380,7 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
             stdout=subprocess.DEVNULL,
             stderr=(run_dir / "stderr.log").open("wb"),
         )
-        lb = Instance(0, [], lb_port, run_dir / "stderr.log")
+        lb = Instance(0, lb_port, [], run_dir / "stderr.log")
         if not rep.check("setup", "nginx answers /readyz", "", await lb.ready()):
             return
 
