@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from tests import sseclient
+from tests.polling import poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,14 +51,35 @@ class Instance:
 
     async def ready(self, limit: float = 45.0, history: bool = True) -> bool:
         """Whether /readyz says 200 (and history on, if asked) within `limit` seconds."""
-        with trio.move_on_after(limit):
-            while True:
-                try:
-                    with trio.fail_after(2):
-                        status, _h, body = await sseclient.get(self.port, "/readyz")
-                    if status == 200 and (not history or json.loads(body).get("history")):
-                        return True
-                except (OSError, EOFError, ValueError, trio.TooSlowError):
-                    pass
-                await trio.sleep(0.05)
-        return False
+
+        async def answers() -> bool:
+            try:
+                with trio.fail_after(2):
+                    status, _h, body = await sseclient.get(self.port, "/readyz")
+            except (OSError, EOFError, trio.TooSlowError):
+                return False
+            return status == 200 and (not history or json.loads(body).get("history") is True)
+
+        try:
+            await poll_until(answers, limit)
+        except trio.TooSlowError:
+            return False
+        return True
+
+
+class Viewer(Protocol):
+    numbers: list[int]  # the event numbers a client has received, in order
+
+
+def flowing(clients: Sequence[Viewer], more: int) -> Callable[[], bool]:
+    """A condition: every client has received `more` events beyond what it has now
+    (traffic is flowing everywhere: what a phase waits for instead of a fixed time)."""
+    marks = [len(c.numbers) + more for c in clients]
+    return lambda: all(len(c.numbers) >= m for c, m in zip(clients, marks, strict=True))
+
+
+def grown(count: Callable[[], int], more: int) -> Callable[[], bool]:
+    """A condition: `count()` has grown by `more` from now (events published while a
+    part is down, for instance)."""
+    target = count() + more
+    return lambda: count() >= target

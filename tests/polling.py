@@ -43,3 +43,17 @@ async def wait_until(predicate: Callable[[], object], limit: float = LIMIT) -> N
 
 # The old name for the same thing, kept so that tests written against it still run.
 wait_until_async = wait_until
+
+
+async def holds_within(check: Callable[[], object], limit: float) -> bool:
+    """Whether a cheap in-process condition (the lists many client tasks fill) holds
+    within `limit` seconds; False instead of an error, for scripts that report it."""
+
+    async def holds() -> object:
+        return check()
+
+    try:
+        await poll_until(holds, limit)
+    except trio.TooSlowError:
+        return False
+    return True

@@ -28,6 +28,7 @@ from tests.conftest import Service, chunk, start_service, wait_until, watch_path
 from tests.natsproc import NatsProcess
 from tests.ports import closed_port, free_port
 from tests.procfs import children_of, is_running
+from tests.served import wait_listening
 from tests.sseclient import get, request
 from tests.streams import parse, watch
 
@@ -454,13 +455,7 @@ async def test_publish_over_the_servers_max_payload_is_one_line(tmp_path: Path) 
                 check=False,
             )
         )
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.02)
+        await wait_listening(port, limit=10)
         result = await run_cli_process("publish", "chunk", SOME_CID, payload, "--nats-url", url)
         server.kill()
     assert (result.returncode, result.stdout) == (1, b"")

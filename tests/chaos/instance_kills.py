@@ -22,8 +22,9 @@ import trio
 
 from app.store import SQLiteStore
 from tests import sseclient
-from tests.instances import Instance
+from tests.instances import Instance, flowing, grown
 from tests.natsproc import NatsProcess
+from tests.polling import holds_within
 from tests.ports import free_port
 from tests.rawnats import RawNats
 
@@ -179,29 +180,31 @@ async def _run(
                 await trio.sleep(interval)
 
         nursery.start_soon(publish)
+
+        def published_total() -> int:
+            return sum(published.values())
+
         # Every client live before the first kill.
-        with trio.move_on_after(SETTLE_LIMIT):
-            while not all(c.numbers for c in clients):  # ruff: ignore[async-busy-wait] - 60 clients' lists
-                await trio.sleep(0.05)
+        await holds_within(lambda: all(c.numbers for c in clients), SETTLE_LIMIT)
         for k in range(kills):
             victim = instances[k % 2]
-            await trio.sleep(random.uniform(0.5, 1.0))
+            await holds_within(flowing(clients, 10 + random.randrange(10)), SETTLE_LIMIT)
             victim.kill()
-            await trio.sleep(0.3)
+            # Down while the producer goes on: its clients must resume what it missed.
+            await holds_within(grown(published_total, 5 * CONVERSATIONS), SETTLE_LIMIT)
             victim.start()
             if not await victim.ready():
                 name = f"instance {victim.index} back after kill {k + 1}"
-                rep.check(SECTION, name, "no", "<= 30 s", False)
+                rep.check(SECTION, name, "no", "<= 45 s", False)
                 break
-        await trio.sleep(0.5)
+        await holds_within(flowing(clients, 10), SETTLE_LIMIT)
         stop_publishing.set()
         await pub.flush()
-        # Wait until every client has its conversation's last event.
-        with trio.move_on_after(SETTLE_LIMIT):
-            while any(  # ruff: ignore[async-busy-wait] - 60 clients' lists
-                not c.numbers or c.numbers[-1] < published[c.cid] - 1 for c in clients
-            ):
-                await trio.sleep(0.05)
+        # Every client has its conversation's last event.
+        await holds_within(
+            lambda: all(c.numbers and c.numbers[-1] >= published[c.cid] - 1 for c in clients),
+            SETTLE_LIMIT,
+        )
         stop_clients.set()
         nursery.cancel_scope.cancel()
     await pub.aclose()

@@ -40,10 +40,18 @@ import trio  # ruff: ignore[module-import-not-at-top-of-file]
 
 from tests import sseclient  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.cluster import Cluster, JsClient, nats_cluster  # ruff: ignore[module-import-not-at-top-of-file]
-from tests.instances import Instance  # ruff: ignore[module-import-not-at-top-of-file]
+from tests.instances import (  # ruff: ignore[module-import-not-at-top-of-file]
+    Instance,
+    flowing,
+    grown,
+)
 from tests.pgproc import (  # ruff: ignore[module-import-not-at-top-of-file]
     PostgresProcess,
     missing_reason,
+)
+from tests.polling import (  # ruff: ignore[module-import-not-at-top-of-file]
+    holds_within,
+    poll_until,
 )
 from tests.ports import free_port  # ruff: ignore[module-import-not-at-top-of-file]
 from tests.rawnats import RawNats  # ruff: ignore[module-import-not-at-top-of-file]
@@ -96,6 +104,7 @@ class Client:
     last_id: str | None = None
     numbers: list[int] = field(default_factory=list)
     reconnects: int = 0
+    open: bool = False  # has had :ok on its current stream
     refused: int = 0
     final: bytes | None = None
 
@@ -136,6 +145,7 @@ async def follow(client: Client, port: int, stop: trio.Event, *, resume: bool = 
                         break
                     if frame == b":ok":
                         first = False
+                        client.open = True
                         continue
                     event_id, event, data = _event(frame)
                     if event == "error":
@@ -250,11 +260,10 @@ class Publisher:
 async def settle(clients: list[Client], pub: Publisher) -> None:
     """Until every client has its conversation's last published event (bounded)."""
     await pub.flush()
-    with trio.move_on_after(SETTLE_LIMIT):
-        while any(  # ruff: ignore[async-busy-wait] - many clients' lists
-            not c.numbers or c.numbers[-1] < pub.published[c.cid] - 1 for c in clients
-        ):
-            await trio.sleep(0.05)
+    await holds_within(
+        lambda: all(c.numbers and c.numbers[-1] >= pub.published[c.cid] - 1 for c in clients),
+        SETTLE_LIMIT,
+    )
 
 
 def tally(clients: list[Client], pub: Publisher, since: dict[int, int]) -> tuple[int, int, int]:
@@ -315,9 +324,10 @@ async def phase(
 
 
 async def wait_leader_not(cluster: Cluster, name: str) -> None:
-    with trio.fail_after(30):
-        while await cluster.stream_leader("CHAT") in (None, name):  # ruff: ignore[async-busy-wait]
-            await trio.sleep(0.1)
+    async def moved() -> bool:
+        return await cluster.stream_leader("CHAT") not in (None, name)
+
+    await poll_until(moved, 30)
 
 
 async def cli(*args: str) -> str:
@@ -394,10 +404,16 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
             nursery.start_soon(pub.run)
             for c in clients:
                 nursery.start_soon(follow, c, lb_port, stop)
-            with trio.move_on_after(SETTLE_LIMIT):
-                while not all(c.numbers for c in clients):  # ruff: ignore[async-busy-wait]
-                    await trio.sleep(0.05)
-            rep.check("setup", "every client live", "", all(c.numbers for c in clients))
+            live = await holds_within(lambda: all(c.numbers for c in clients), SETTLE_LIMIT)
+            rep.check("setup", "every client live", "", live)
+
+            async def traffic(more: int = 20) -> None:
+                """Until every client has received `more` events (instead of a fixed time)."""
+                await holds_within(flowing(clients, more), SETTLE_LIMIT)
+
+            async def while_down(more: int = 200) -> None:
+                """Until the producer has published `more` events (a part is down)."""
+                await holds_within(grown(pub.total, more), SETTLE_LIMIT)
 
             async def kill_a_nats_node() -> None:
                 # A node some instances are connected to, but neither the publisher's
@@ -408,12 +424,12 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
                     await js.step_down("CHAT")
                     await wait_leader_not(cluster, victim.name)
                 await js.aclose()
-                await trio.sleep(1.0)
+                await traffic()
                 victim.kill()
-                await trio.sleep(3.0)
+                await while_down()
                 await trio.to_thread.run_sync(victim.start)
                 await cluster.wait_ready()
-                await trio.sleep(1.0)
+                await traffic()
 
             before = sum(c.reconnects for c in clients)
             await phase(rep, "2 NATS node killed", clients, pub, kill_a_nats_node)
@@ -436,12 +452,12 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
                     leader = await cluster.stream_leader("CHAT")
                     victim = cluster.node(leader) if leader else cluster.nodes[2]
                 rep.info("2b stream leader killed", "node killed (leader)", victim.name)
-                await trio.sleep(1.0)
+                await traffic()
                 victim.kill()
-                await trio.sleep(3.0)
+                await while_down()
                 await trio.to_thread.run_sync(victim.start)
                 await cluster.wait_ready()
-                await trio.sleep(1.0)
+                await traffic()
                 pub.acked = False
 
             before = sum(c.reconnects for c in clients)
@@ -449,25 +465,25 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
             rep.info("2b stream leader killed", "publishes repeated until stored", pub.retries)
 
             async def kill_an_instance() -> None:
-                await trio.sleep(1.0)
+                await traffic()
                 instances[0].kill()
-                await trio.sleep(2.0)
+                await while_down()
                 instances[0].start()
                 ok = await instances[0].ready()
                 rep.check("3 instance killed", "instance back", "", ok)
-                await trio.sleep(1.0)
+                await traffic()
 
             await phase(rep, "3 instance killed", clients, pub, kill_an_instance)
 
             async def rolling_restart() -> None:
                 for inst in instances:
-                    await trio.sleep(1.0)
+                    await traffic()
                     code = await trio.to_thread.run_sync(inst.terminate)
                     rep.check("4 rolling restart", f"instance {inst.index} exit", code, code == 0)
                     inst.start()
                     ok = await inst.ready()
                     rep.check("4 rolling restart", f"instance {inst.index} back", "", ok)
-                await trio.sleep(1.0)
+                await traffic()
 
             await phase(rep, "4 rolling restart", clients, pub, rolling_restart)
             stop.set()
@@ -503,12 +519,10 @@ async def sessions_phase(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial_follow, watcher, lb_port, stop)
-        await trio.sleep(0.5)
+        await holds_within(lambda: watcher.open, 10)
         started = time.monotonic()
         await cli("sessions", "revoke", token, "--database-url", db)
-        with trio.move_on_after(10):
-            while watcher.final is None:  # ruff: ignore[async-busy-wait]
-                await trio.sleep(0.02)
+        await holds_within(lambda: watcher.final is not None, 10)
         took = time.monotonic() - started
         stop.set()
         nursery.cancel_scope.cancel()
