@@ -248,7 +248,6 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         self._flights: SingleFlight | None = None
         self._closed = False
-        self._per_owner: dict[str, int] = {}
         self.history: History | None = None
         self.history_decided = trio.Event()
         if not await_history:
@@ -277,9 +276,6 @@ class Hub:
             gaps_filled=self.gaps_filled,
             resumes_refused=self.resumes_refused,
         )
-
-    def watchers_of(self, owner: str) -> int:
-        return self._per_owner.get(owner, 0)
 
     @property
     def closed(self) -> bool:
@@ -314,8 +310,12 @@ class Hub:
                 w.outbox.put_last(final)
 
     def owners(self) -> list[str]:
-        """The sessions (token hashes) with at least one open watcher."""
-        return list(self._per_owner)
+        """The sessions (token hashes) with at least one open watcher.
+
+        Derived, not counted: the limits already count per session (limits.py), and
+        this is asked every few seconds, not per event.
+        """
+        return list({w.owner for t in self._topics.values() for w in t.members if w.owner})
 
     def end_sessions(self, finals: dict[str, bytes]) -> int:
         """End every watcher whose owner is in `finals` with that final frame (sync).
@@ -355,8 +355,6 @@ class Hub:
         w = Watcher(topic, outbox, owner, resume)
         topic.members.add(w)
         self.watchers += 1
-        if owner is not None:
-            self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
         return w
 
     async def admit(self, w: Watcher) -> None:
@@ -554,12 +552,6 @@ class Hub:
         self._detach(w)
         w.outbox.close()
         self.watchers -= 1
-        if w.owner is not None:
-            left = self._per_owner[w.owner] - 1
-            if left:
-                self._per_owner[w.owner] = left
-            else:
-                del self._per_owner[w.owner]
         if not topic.members:
             if self._topics.get(topic.conversation_id) is topic:
                 del self._topics[topic.conversation_id]
@@ -650,6 +642,11 @@ class Hub:
         missed something: the topic holds live events and fetches the gap.
         """
         self.events_in += 1
+        self._live_event(topic, subject, payload, headers)
+
+    def _live_event(
+        self, topic: Topic, subject: str, payload: bytes, headers: dict[str, str] | None
+    ) -> None:
         held = topic.held
         if held is not None:
             if len(held) < _TOPIC_HOLD:
@@ -713,8 +710,7 @@ class Hub:
     def _release_held(self, topic: Topic) -> None:
         held, topic.held = topic.held, None
         for subject, payload, headers in held or ():
-            self.events_in -= 1  # counted again by the live path
-            self._deliver_live(topic, subject, payload, headers)
+            self._live_event(topic, subject, payload, headers)
 
     async def _catch_up(self, topic: Topic, history: History) -> None:
         """Fetch and fan out everything after the cursor, then release held live events.
