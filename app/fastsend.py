@@ -128,31 +128,36 @@ async def _protocol_send(self: TCPServer, event: Event) -> None:
         await original(self, event)
         return
     data = event.data
-    lock.acquire_nowait()  # free, checked above, and nothing ran since: cannot block
+    # The lock is free and nothing can run before the write below returns (no
+    # checkpoint): no other writer can start meanwhile, so a write the kernel takes
+    # whole needs no lock. It is taken, still free, for what can checkpoint: the rest
+    # of a partial write, or closing.
     try:
+        sent = os.write(stream.socket.fileno(), data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        sent = -1
+    if sent != len(data):
+        lock.acquire_nowait()  # free, checked above, and nothing ran since: cannot block
         try:
-            sent = os.write(stream.socket.fileno(), data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            stats.closed += 1
-            # EPIPE, ECONNRESET, EBADF (closed): hypercorn's send_all raises
-            # BrokenResourceError or ClosedResourceError for these and it handles both so.
-            await self.protocol.handle(Closed())
-            sent = -1
-        if 0 <= sent < len(data):
-            stats.partial += 1
-            # The kernel's buffer is full: the rest goes hypercorn's way, still under the
-            # lock, so no later chunk can overtake it.
-            try:
-                with trio.CancelScope(shield=True):
-                    await stream.send_all(memoryview(data)[sent:])
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if sent < 0:
+                stats.closed += 1
+                # EPIPE, ECONNRESET, EBADF (closed): hypercorn's send_all raises
+                # BrokenResourceError or ClosedResourceError for these; it handles both so.
                 await self.protocol.handle(Closed())
-            return
-    finally:
-        lock.release()
-    if sent < 0:
+            else:
+                stats.partial += 1
+                # The kernel's buffer is full: the rest goes hypercorn's way, still under
+                # the lock, so no later chunk can overtake it.
+                try:
+                    with trio.CancelScope(shield=True):
+                        await stream.send_all(memoryview(data)[sent:])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                return
+        finally:
+            lock.release()
         # hypercorn's path always checkpoints; a body writing into a dead connection
         # without one would spin and starve the reader that is to tell it so.
         await trio.lowlevel.checkpoint()

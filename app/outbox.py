@@ -19,8 +19,9 @@ class Outbox:
         # Seconds a frame may wait for others to be written with it (--write-window).
         self._window = window
         self.queued_bytes = 0
-        # Set (and replaced) whenever the reader takes bytes: what `put` waits on.
-        self._drained = trio.Event()
+        # What `put` waits on, set when the reader takes bytes. Made only when someone
+        # waits: a take is per frame, a wait for room is rare.
+        self._drained: trio.Event | None = None
         self._closed = False
 
     def offer(self, frame: bytes) -> bool:
@@ -65,17 +66,22 @@ class Outbox:
         while self.queued_bytes > max(queued_at_most, 0):
             if self._closed:
                 raise trio.ClosedResourceError("the outbox is closed")
+            if self._drained is None:
+                self._drained = trio.Event()
             await self._drained.wait()
 
     def _took(self, size: int) -> None:
         self.queued_bytes -= size
-        self._drained.set()
-        self._drained = trio.Event()
+        drained = self._drained
+        if drained is not None:
+            self._drained = None
+            drained.set()
 
     def close(self) -> None:
         self._send.close()
         self._closed = True
-        self._drained.set()  # a `put` waiting for room learns it is closed
+        if self._drained is not None:
+            self._drained.set()  # a `put` waiting for room learns it is closed
 
     def receive_nowait(self) -> bytes:
         """One frame. Raises trio.WouldBlock (empty) or trio.EndOfChannel (closed)."""
@@ -93,6 +99,12 @@ class Outbox:
         first = await self._recv.receive()
         if self._window > 0:
             return await self._gather(first, coalesce)
+        if self.queued_bytes <= len(first):
+            # Nothing else counted in: the usual case for a watcher that keeps up, without
+            # the exception a second receive_nowait would raise. (A frame from `put` is
+            # counted a step after it is queued: it is taken by the next take instead.)
+            self._took(len(first))
+            return first
         try:
             second = self._recv.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):

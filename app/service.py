@@ -28,7 +28,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from app import embedded, fastsend, sse
+from app import embedded, fastchunk, fastsend, sse
 from app.bus import Bus, open_bus
 from app.config import Settings
 from app.errors import BusUnavailable, unwrap_single
@@ -138,8 +138,10 @@ async def run(
     stop = shutdown if shutdown is not None else trio.Event()
     if settings.fast_send == "on":
         fastsend.install()
+        fastchunk.install()
     else:
         fastsend.uninstall()
+        fastchunk.uninstall()
     # Before anything starts (the embedded nats-server): a database that can never be
     # opened is a usage error, not an outage.
     await trio.to_thread.run_sync(check_database, settings.database_url)

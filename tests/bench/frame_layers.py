@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ import trio.testing
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import fastsend, natsborder  # ruff: ignore[module-import-not-at-top-of-file]
+from app import fastchunk, fastsend, natsborder  # ruff: ignore[module-import-not-at-top-of-file]
 from app.hub import Hub, MessageHandler  # ruff: ignore[module-import-not-at-top-of-file]
 from app.outbox import Outbox  # ruff: ignore[module-import-not-at-top-of-file]
 from app.watch import WatchBody  # ruff: ignore[module-import-not-at-top-of-file]
@@ -172,12 +173,12 @@ def layer_of(filename: str, funcname: str) -> str:
     return "other (bench driver, builtins, trio misc)"
 
 
+@dataclass(frozen=True)
 class Shape:
-    def __init__(self, name: str, conversations: int, watchers: int, events: int) -> None:
-        self.name = name
-        self.conversations = conversations
-        self.watchers = watchers  # per conversation
-        self.events = events
+    name: str
+    conversations: int
+    watchers: int  # per conversation
+    events: int
 
 
 async def serve_and_measure(
@@ -203,15 +204,19 @@ async def serve_and_measure(
         await nursery.start(
             lambda task_status: hypercorn.trio.serve(app, config, task_status=task_status)
         )
+        args = [str(port), str(shape.conversations), str(shape.watchers)]
         client = await trio.lowlevel.open_process(
-            [sys.executable, __file__, "--client", str(port), str(shape.conversations)]
-            + [str(shape.watchers)]
+            [sys.executable, __file__, "--client", *args], stdout=subprocess.PIPE
         )
         try:
+            assert client.stdout is not None
             with trio.fail_after(120):
-                while sum(len(t.attached) for t in hub._topics.values()) < total:
-                    await trio.sleep(0.02)
+                said = b""
+                while b"ready" not in said:  # the client saw `:ok` on every stream
+                    said += await client.stdout.receive_some()
                 await trio.testing.wait_all_tasks_blocked()
+            if sum(len(t.attached) for t in hub._topics.values()) != total:
+                raise RuntimeError("not every watcher is attached")
             subjects = [f"chat.chunk.{_cid(c)}" for c in range(shape.conversations)]
             ops = [msg_op(s, bus.sids[f"chat.*.{_cid(c)}"]) for c, s in enumerate(subjects)]
             reads = [b"".join(ops[i : i + batch]) for i in range(0, len(ops), batch)]
@@ -272,11 +277,18 @@ def client(port: int, conversations: int, watchers: int) -> None:
             s.setblocking(False)
             sel.register(s, selectors.EVENT_READ)
             socks.append(s)
+    waiting = set(socks)
     while True:
         for key, _ in sel.select():
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
-            if not sock.recv(1 << 16):
+            data = sock.recv(1 << 16)
+            if not data:
                 sel.unregister(sock)
+            elif waiting and b":ok" in data:
+                waiting.discard(sock)
+                if not waiting:
+                    sys.stdout.write("ready\n")
+                    sys.stdout.flush()
 
 
 # -- single-layer microbenchmarks ----------------------------------------------------------
@@ -424,6 +436,13 @@ def micro(repeat: int) -> dict[str, float]:
     return results
 
 
+def set_fast_chunk(variant: str) -> None:
+    if variant == "off":
+        fastchunk.uninstall()
+    elif not fastchunk.install():
+        raise SystemExit("fast chunk refused to install")
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -438,6 +457,7 @@ def main() -> None:
     parser.add_argument("--no-micro", action="store_true")
     parser.add_argument("--top", type=int, default=0, help="print the profile's top N")
     parser.add_argument("--fast-send", choices=("on", "off"), default="on")
+    parser.add_argument("--fast-chunk", choices=("on", "off", "both"), default="on")
     parser.add_argument("--client", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -447,13 +467,23 @@ def main() -> None:
         os.sched_setaffinity(0, {0})
     if args.fast_send == "on" and not fastsend.install():
         raise SystemExit("fast send refused to install")
+    chunk_variants = ["off", "on"] if args.fast_chunk == "both" else [args.fast_chunk]
     shapes = []
     if args.shape in ("many", "both"):
         shapes.append(Shape("many", args.watchers, 1, args.events))
     if args.shape in ("paced", "both"):
         shapes.append(Shape("paced", 1, args.watchers, args.events))
     for shape in shapes:
-        runs = [run_shape(shape, args.batch, None) for _ in range(args.repeat)]
+        by_variant: dict[str, list[dict[str, float]]] = {v: [] for v in chunk_variants}
+        for _ in range(args.repeat):
+            for variant in chunk_variants:  # interleaved: drift hits every variant
+                set_fast_chunk(variant)
+                by_variant[variant].append(run_shape(shape, args.batch, None))
+        if len(chunk_variants) > 1:
+            for variant, vruns in by_variant.items():
+                each = ", ".join(f"{r['cpu_us']:.1f}" for r in vruns)
+                print(f"{shape.name} fast chunk {variant}: CPU us/frame {each}")
+        runs = by_variant[chunk_variants[-1]]
         cpu = statistics.median(r["cpu_us"] for r in runs)
         steps = statistics.median(r["steps"] for r in runs)
         wall = statistics.median(r["wall_us"] for r in runs)
@@ -471,7 +501,14 @@ def main() -> None:
         stats = pstats.Stats(profile)
         by_layer: dict[str, float] = {}
         raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-        for (filename, _line, funcname), (_cc, _nc, tottime, _ct, _callers) in raw.items():
+        for (filename, _line, funcname), (_cc, _nc, tottime, _ct, callers) in raw.items():
+            if filename == "~" and funcname != "<built-in method posix.write>" and callers:
+                # A builtin (len, getattr, str.encode...): its time goes to the layers
+                # that called it, in proportion.
+                for (cfile, _cline, cfunc), caller_stats in callers.items():
+                    layer = layer_of(cfile, cfunc)
+                    by_layer[layer] = by_layer.get(layer, 0.0) + caller_stats[2]
+                continue
             layer = layer_of(filename, funcname)
             by_layer[layer] = by_layer.get(layer, 0.0) + tottime
         whole = sum(by_layer.values())

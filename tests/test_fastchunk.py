@@ -1,0 +1,119 @@
+"""app.fastchunk: hypercorn's h11 chunk framing without h11's per-chunk bookkeeping.
+
+End to end on real sockets with hypercorn's trio worker (the servers and clients of
+tests/test_fastsend.py), with the adapter and without, and byte for byte against h11.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+from h11._writers import ChunkedWriter
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h11 import H11Protocol
+
+from app import fastchunk
+from tests.test_fastsend import LIMIT, StreamApp, connect, frame, request, serving
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["fast", "hypercorn"])
+def framing(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every end-to-end test runs with the adapter and without: same bytes."""
+    fastchunk.uninstall()
+    if request.param == "fast":
+        assert fastchunk.install()
+    yield request.param
+    fastchunk.uninstall()
+
+
+def test_upstream_is_the_version_and_code_the_adapter_mirrors() -> None:
+    """Fails when hypercorn or h11 moves: the pins, the installed versions and the
+    source hashes of what is mirrored must move together (then re-read that code)."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"hypercorn=={version('hypercorn')}" in deps
+    assert f"h11=={version('h11')}" in deps
+    for name, function in fastchunk.upstream_sources().items():
+        assert fastchunk.source_sha256(function) == fastchunk.EXPECTED_SOURCES_SHA256[name]
+
+
+def test_install_refuses_code_it_does_not_know(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fastchunk.uninstall()
+
+    async def changed_upstream(self: H11Protocol, event: StreamEvent) -> None:
+        del self, event
+
+    monkeypatch.setattr(H11Protocol, "stream_send", changed_upstream)
+    with caplog.at_level(logging.WARNING, "chatwatch.fastchunk"):
+        assert not fastchunk.install()
+    assert H11Protocol.stream_send is changed_upstream
+    assert not fastchunk.installed()
+    assert "not the one this adapter mirrors" in caplog.text
+
+
+def test_install_is_idempotent_and_uninstall_restores() -> None:
+    fastchunk.uninstall()
+    original = H11Protocol.stream_send
+    assert fastchunk.install()
+    replaced = H11Protocol.stream_send
+    assert replaced is not original
+    assert fastchunk.install()
+    assert H11Protocol.stream_send is replaced
+    fastchunk.uninstall()
+    assert H11Protocol.stream_send is original
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 70, 255, 4096, 65537, 262144])
+def test_a_chunk_is_framed_as_h11_frames_it(size: int) -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    conn.next_event()
+    conn.send(h11.Response(status_code=200, headers=[]))
+    assert type(conn._writer) is ChunkedWriter
+    data = bytes(i % 251 for i in range(size))
+    assert fastchunk.frame(data) == conn.send(h11.Data(data=data))
+
+
+async def test_frames_arrive_exactly_and_in_order(framing: str) -> None:
+    """Many chunks through a slow reader: h11 on the client side parses every one."""
+    count = 5000
+    app = StreamApp()
+    async with serving(app, sndbuf=4096) as port:
+        stream = await connect(port, rcvbuf=4096)
+        async with stream:
+            status, body = await request(
+                stream, h11.Connection(h11.CLIENT), "GET", f"/stream/{count}", read_size=512
+            )
+    assert status == 200
+    assert body == b"".join(frame(i) for i in range(count))
+
+
+async def test_a_length_delimited_body_and_http_1_0_go_hypercorns_way(framing: str) -> None:
+    """Not chunked: a Content-Length body (the echo) and an HTTP/1.0 client, whose body
+    is written raw until the connection closes."""
+    app = StreamApp()
+    async with serving(app) as port:
+        stream = await connect(port)
+        async with stream:
+            status, body = await request(stream, h11.Connection(h11.CLIENT), "POST", "/echo", b"hi")
+        assert (status, body) == (200, b"hi")
+        stream = await connect(port)
+        async with stream:
+            with trio.fail_after(LIMIT):
+                await stream.send_all(b"GET /stream/3 HTTP/1.0\r\nHost: t\r\n\r\n")
+                received = b""
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+    head, _, raw = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert raw == frame(0) + frame(1) + frame(2)  # no chunk framing for HTTP/1.0
