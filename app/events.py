@@ -57,7 +57,9 @@ def _payload_json(payload: bytes) -> tuple[object, bytes]:
         return None, sse.json_string(text)
     if "\n" in text or "\r" in text:
         text = text.replace("\r", " ").replace("\n", " ")
-    return value, text.encode("utf-8")
+        return value, text.encode("utf-8")
+    # Valid UTF-8 decodes and encodes back to the same bytes: no copy to make.
+    return value, bytes(payload)
 
 
 def parse_event(

@@ -250,14 +250,18 @@ async def serve_and_measure(
     return result
 
 
-def run_shape(shape: Shape, batch: int, profile: cProfile.Profile | None) -> dict[str, float]:
+def run_shape(
+    shape: Shape, batch: int, profile: cProfile.Profile | None, *, count: bool = False
+) -> dict[str, float]:
+    """One run; with `count`, an Instrument counts task steps (it costs a little CPU
+    per step, so the timed runs go without it)."""
     counter = StepCounter()
     out: dict[str, float] = {}
 
     async def main() -> None:
         out.update(await serve_and_measure(shape, profile, counter, batch))
 
-    trio.run(main, instruments=[counter])
+    trio.run(main, instruments=[counter] if count else [])
     return out
 
 
@@ -401,6 +405,54 @@ def micro(repeat: int) -> dict[str, float]:
 
     trio.run(wake)
 
+    # The NATS socket's side of the bridge: one read reaching a reader and waking a trio
+    # task, through trio-asyncio (nats-py's read loop is an asyncio StreamReader) and,
+    # for comparison, a trio socket read. The difference is what trio-asyncio costs per
+    # read (nats-py reads up to 32 KiB at once: one read carries many messages).
+    async def bridge(kind: str) -> None:
+        import asyncio
+
+        import trio_asyncio
+
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        arrived = [trio.Event()]
+
+        def on_data(_data: bytes) -> None:
+            arrived[0].set()
+
+        async def aio_reader() -> None:
+            reader, _writer = await asyncio.open_connection(sock=a)
+            while data := await reader.read(65536):
+                on_data(data)
+
+        async def trio_reader() -> None:
+            sock = trio.socket.from_stdlib_socket(a)
+            while data := await sock.recv(65536):
+                on_data(data)
+
+        async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
+            if kind == "trio-asyncio":
+                nursery.start_soon(trio_asyncio.aio_as_trio(aio_reader, loop=loop))
+            else:
+                nursery.start_soon(trio_reader)
+            await trio.testing.wait_all_tasks_blocked()
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                for _ in range(n // 4):
+                    arrived[0] = trio.Event()
+                    b.send(b"x")
+                    await arrived[0].wait()
+                times.append((time.perf_counter() - t0) / (n // 4) * 1e6)
+            label = f"one socket read to a trio wake-up, via {kind}"
+            results[label] = statistics.median(times)
+            nursery.cancel_scope.cancel()
+        b.close()
+
+    trio.run(bridge, "trio-asyncio")
+    trio.run(bridge, "a trio socket")
+
     # h11's chunked framing of one 80-byte body chunk.
     conn = h11.Connection(our_role=h11.SERVER)
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
@@ -485,7 +537,7 @@ def main() -> None:
                 print(f"{shape.name} fast chunk {variant}: CPU us/frame {each}")
         runs = by_variant[chunk_variants[-1]]
         cpu = statistics.median(r["cpu_us"] for r in runs)
-        steps = statistics.median(r["steps"] for r in runs)
+        steps = run_shape(shape, args.batch, None, count=True)["steps"]
         wall = statistics.median(r["wall_us"] for r in runs)
         print(
             f"\n== {shape.name}: {shape.conversations} conversations x {shape.watchers} "
