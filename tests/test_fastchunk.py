@@ -20,7 +20,7 @@ from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 
 from app import fastchunk
-from tests.test_fastsend import LIMIT, StreamApp, connect, frame, request, serving
+from tests.rawhttp import LIMIT, StreamApp, connect, frame, request, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
