@@ -244,7 +244,8 @@ class Settings:
     )
     fast_send: str = _opt(
         "on",
-        "on: write a frame the kernel takes at once without a scheduler pass (app/fastsend.py)",
+        "on: write a frame the kernel takes at once without a scheduler pass, and frame its"
+        " HTTP/1.1 chunk without h11's state machine (app/fastsend.py, app/fastchunk.py)",
         one_of(FAST_SEND_MODES),
         choices=FAST_SEND_MODES,
     )
