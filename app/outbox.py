@@ -1,53 +1,75 @@
 """A watcher's outbox: the bounded queue between the hub and one SSE response.
 
-Two limits bound it, whichever comes first: frames (the memory channel's size) and
-bytes (counted here, on the way in and on the way out). Both sides of the count live
-in this class, so no other module adds or subtracts bytes.
+Two limits bound it, whichever comes first: frames and bytes, both counted here, on
+the way in and on the way out, so no other module adds or subtracts bytes.
+
+A deque and the one reading task parked on trio's low-level API, not a trio memory
+channel: the channel's bookkeeping (its state object, per-task tables, an outcome
+wrapper per hand-off) was about a tenth of a frame's CPU in the `many` and `paced`
+shapes (tests/bench/frame_layers.py). There is one reader, the stream's body; a
+second concurrent `take` raises trio.BusyResourceError.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import trio
 
 
 class Outbox:
-    __slots__ = ("_closed", "_drained", "_max_bytes", "_recv", "_send", "_window", "queued_bytes")
+    __slots__ = (
+        "_closed",
+        "_drained",
+        "_frames",
+        "_max_bytes",
+        "_max_frames",
+        "_reader",
+        "_window",
+        "queued_bytes",
+    )
 
     def __init__(self, max_frames: int, max_bytes: int, window: float = 0.0) -> None:
-        self._send, self._recv = trio.open_memory_channel[bytes](max_frames)
+        self._frames: deque[bytes] = deque()
+        self._max_frames = max_frames
         self._max_bytes = max_bytes
         # Seconds a frame may wait for others to be written with it (--write-window).
         self._window = window
         self.queued_bytes = 0
-        # What `put` waits on, set when the reader takes bytes. Made only when someone
+        # What `put` waits on, set when the reader takes frames. Made only when someone
         # waits: a take is per frame, a wait for room is rare.
         self._drained: trio.Event | None = None
+        # The task parked in `take` for the next frame, if it is parked.
+        self._reader: trio.lowlevel.Task | None = None
         self._closed = False
+
+    def _append(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        self.queued_bytes += len(frame)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(reader)
 
     def offer(self, frame: bytes) -> bool:
         """Queue without blocking; False when either limit would be passed.
 
         A closed outbox takes nothing and says True: there is no one to cut off.
         """
-        if self.queued_bytes + len(frame) > self._max_bytes:
-            return False
-        try:
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        if self._closed:
             return True
-        self.queued_bytes += len(frame)
+        if (
+            self.queued_bytes + len(frame) > self._max_bytes
+            or len(self._frames) >= self._max_frames
+        ):
+            return False
+        self._append(frame)
         return True
 
     def put_last(self, frame: bytes) -> None:
         """Queue a stream's final frame if there is room at all, then close."""
-        try:
-            self._send.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        else:
-            self.queued_bytes += len(frame)
+        if not self._closed and len(self._frames) < self._max_frames:
+            self._append(frame)
         self.close()
 
     async def put(self, frame: bytes) -> None:
@@ -57,18 +79,26 @@ class Outbox:
         Raises:
             trio.ClosedResourceError: the outbox was closed (the watcher was cut off).
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         await self.wait_room(self._max_bytes - len(frame))
-        await self._send.send(frame)
-        self.queued_bytes += len(frame)
+        while len(self._frames) >= self._max_frames:
+            await self._wait_drained()
+        if self._closed:
+            raise trio.ClosedResourceError("the outbox is closed")
+        self._append(frame)
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_room(self, queued_at_most: int) -> None:
         """Until no more than `queued_at_most` bytes wait (or nothing does)."""
         while self.queued_bytes > max(queued_at_most, 0):
-            if self._closed:
-                raise trio.ClosedResourceError("the outbox is closed")
-            if self._drained is None:
-                self._drained = trio.Event()
-            await self._drained.wait()
+            await self._wait_drained()
+
+    async def _wait_drained(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the outbox is closed")
+        if self._drained is None:
+            self._drained = trio.Event()
+        await self._drained.wait()
 
     def _took(self, size: int) -> None:
         self.queued_bytes -= size
@@ -78,16 +108,51 @@ class Outbox:
             drained.set()
 
     def close(self) -> None:
-        self._send.close()
+        """No more frames in; what is queued stays readable, then the reader's end."""
         self._closed = True
         if self._drained is not None:
             self._drained.set()  # a `put` waiting for room learns it is closed
+        reader = self._reader
+        if reader is not None:  # parked on an empty outbox: it ends now
+            self._reader = None
+            trio.lowlevel.reschedule(reader)
 
     def receive_nowait(self) -> bytes:
         """One frame. Raises trio.WouldBlock (empty) or trio.EndOfChannel (closed)."""
-        frame = self._recv.receive_nowait()
-        self._took(len(frame))
-        return frame
+        if self._frames:
+            frame = self._frames.popleft()
+            self._took(len(frame))
+            return frame
+        if self._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def _receive(self) -> bytes:
+        """The next frame, not yet counted out (the caller does, once per write).
+
+        Always a checkpoint, as a channel's receive is; a frame is taken only after it,
+        so a cancellation never loses one.
+        """
+        frames = self._frames
+        if frames:
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        while not frames:
+            if self._closed:
+                raise trio.EndOfChannel
+            if self._reader is not None:
+                raise trio.BusyResourceError("another task is taking from this outbox")
+            task = trio.lowlevel.current_task()
+            self._reader = task
+
+            def abort(_: object, task: trio.lowlevel.Task = task) -> trio.lowlevel.Abort:
+                if self._reader is task:
+                    self._reader = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return frames.popleft()
 
     async def take(self, coalesce: int) -> bytes:
         """The next frame, joined with whatever else is already queued up to `coalesce`
@@ -96,29 +161,19 @@ class Outbox:
         Raises:
             trio.EndOfChannel: closed and empty.
         """
-        first = await self._recv.receive()
+        first = await self._receive()
         if self._window > 0:
             return await self._gather(first, coalesce)
-        if self.queued_bytes <= len(first):
-            # Nothing else counted in: the usual case for a watcher that keeps up, without
-            # the exception a second receive_nowait would raise. (A frame from `put` is
-            # counted a step after it is queued: it is taken by the next take instead.)
+        frames = self._frames
+        if not frames:
             self._took(len(first))
             return first
-        try:
-            second = self._recv.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            self._took(len(first))
-            return first
-        parts = [first, second]
-        size = len(first) + len(second)
-        try:
-            while size < coalesce:
-                frame = self._recv.receive_nowait()
-                parts.append(frame)
-                size += len(frame)
-        except (trio.WouldBlock, trio.EndOfChannel):
-            pass
+        parts = [first]
+        size = len(first)
+        while frames and size < coalesce:
+            frame = frames.popleft()
+            parts.append(frame)
+            size += len(frame)
         self._took(size)
         return b"".join(parts)
 
@@ -130,7 +185,7 @@ class Outbox:
         with trio.move_on_after(self._window):
             try:
                 while size < coalesce:
-                    frame = await self._recv.receive()
+                    frame = await self._receive()
                     parts.append(frame)
                     size += len(frame)
             except trio.EndOfChannel:

@@ -92,3 +92,80 @@ async def test_a_put_waiting_for_room_fails_when_the_outbox_closes() -> None:
         nursery.start_soon(close_later)
         with pytest.raises(trio.ClosedResourceError):
             await box.put(b"abcd")
+
+
+async def test_a_parked_take_wakes_for_a_frame_and_for_the_close() -> None:
+    box = Outbox(8, 1024)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await box.take(1024))
+        with pytest.raises(trio.EndOfChannel):
+            await box.take(1024)
+        got.append(b"end")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        box.offer(b"a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [b"a"]
+        box.close()
+    assert got == [b"a", b"end"]
+
+
+async def test_a_cancelled_take_loses_no_frame() -> None:
+    box = Outbox(8, 1024)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.take, 1024)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    box.offer(b"a")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await box.take(1024)  # cancelled at its checkpoint, before taking
+    assert box.queued_bytes == 1
+    assert await box.take(1024) == b"a"
+
+
+async def test_frames_queued_after_the_close_are_refused_but_queued_ones_are_read() -> None:
+    box = Outbox(8, 1024)
+    box.offer(b"a")
+    box.put_last(b"z")
+    assert box.offer(b"late")  # closed: nothing to cut off
+    assert await box.take(1) == b"a"
+    assert box.receive_nowait() == b"z"
+    with pytest.raises(trio.EndOfChannel):
+        box.receive_nowait()
+    with pytest.raises(trio.ClosedResourceError):
+        await box.put(b"x")
+
+
+async def test_put_waits_for_frame_room() -> None:
+    box = Outbox(max_frames=2, max_bytes=1024)
+    await box.put(b"a")
+    await box.put(b"b")
+    done: list[bool] = []
+
+    async def third() -> None:
+        await box.put(b"c")
+        done.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(third)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done
+        assert box.receive_nowait() == b"a"
+    assert done
+    assert await box.take(1024) == b"bc"
+
+
+async def test_a_second_concurrent_take_is_refused() -> None:
+    box = Outbox(8, 1024)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.take, 1024)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await box.take(1024)
+        nursery.cancel_scope.cancel()
