@@ -1,7 +1,7 @@
 """Where one connect's time goes: chatwatch in this process, the watchers in a child.
 
     python tests/bench/connect_profile.py [--watchers 5000] [--conversations 1000]
-        [--concurrency 256] [--rounds 3] [--mode time|count|cprofile] [--json OUT]
+        [--concurrency 256] [--rounds 3] [--mode time,count,pyspy,cprofile] [--json OUT]
 
 The idle scenario's connect phase, taken apart. A nats-server (no JetStream) and a
 seeded SQLite store are started, chatwatch is served in this process by
@@ -18,7 +18,16 @@ child's first connect and its last `:ok` this process measures, per connect:
 - ``cprofile``: cProfile over the window; each stage's inclusive CPU time per connect
   (cProfile, timed by the trio thread's CPU clock, counts a coroutine's time while it
   runs, not while it waits), scaled back to the uninstrumented trio-thread CPU time
-  of the ``time`` rounds, with cProfile's overhead factor left visible.
+  of the ``time`` rounds, with cProfile's overhead factor left visible (large: the
+  CPU clock is a system call, so call-heavy code is overweighted);
+- ``pyspy``: py-spy sampling this process (``py-spy`` beside this Python; it needs
+  ptrace): each stage's share of the trio thread's samples times the ``time``
+  rounds' trio-thread CPU per connect. Cheap, so the stages keep their proportions.
+
+Garbage collections are timed (gc.callbacks) in every round and reported apart; in
+the ``pyspy`` and ``cprofile`` rounds the collector is off, since a sampled collection
+would be charged to whichever line allocated last, and the stages share the trio
+thread's CPU less the collections.
 
 The child and nats-server run in other processes, so the figures are the server's.
 Rounds after the first reuse the server (warm: the watchers of a round are gone,
@@ -29,9 +38,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,41 +72,77 @@ from tests.natsproc import NatsProcess  # ruff: ignore[module-import-not-at-top-
 
 # (label, file suffix, function name, depth): inclusive stages, nested by depth.
 STAGES: list[tuple[str, str, str, int]] = [
-    ("connection task (hypercorn TCPServer.run)", "hypercorn/trio/tcp_server.py", "run", 0),
     (
-        "  accept (trio serve_listeners)",
+        "accept (trio serve_listeners)",
         "trio/_highlevel_serve_listeners.py",
         "_serve_one_listener",
         0,
     ),
+    ("connection task (hypercorn TCPServer.run)", "hypercorn/trio/tcp_server.py", "run", 0),
     ("  h11 protocol handle (parse + events)", "hypercorn/protocol/h11.py", "handle", 1),
     ("    h11 next_event (parse)", "h11/_connection.py", "next_event", 2),
-    ("    hypercorn _create_stream", "hypercorn/protocol/h11.py", "_create_stream", 2),
+    (
+        "    hypercorn _create_stream (scope, spawn app)",
+        "hypercorn/protocol/h11.py",
+        "_create_stream",
+        2,
+    ),
     ("  idle task restart (nursery.start)", "hypercorn/trio/worker_context.py", "restart", 1),
-    ("request task (hypercorn _handle -> app)", "hypercorn/trio/task_group.py", "_handle", 0),
-    ("  Quart-Trio connection __call__", "quart_trio/asgi.py", "__call__", 1),
-    ("    request object from scope", "quart/asgi.py", "_create_request_from_scope", 2),
-    ("    handle_messages (receive body)", "quart/asgi.py", "handle_messages", 2),
-    ("    Quart.handle_request", "quart/app.py", "handle_request", 2),
-    ("      preprocess_request", "quart/app.py", "preprocess_request", 3),
-    ("      url match (werkzeug)", "werkzeug/routing/map.py", "match", 3),
-    ("      dispatch_request", "quart/app.py", "dispatch_request", 3),
-    ("        our route (http.watch)", "app/http.py", "watch", 4),
-    ("          store.authorize", "app/store.py", "authorize", 5),
+    ("idle timeout task (hypercorn)", "hypercorn/trio/tcp_server.py", "_idle_timeout", 0),
+    (
+        "app task (hypercorn _handle -> Quart-Trio __call__)",
+        "hypercorn/trio/task_group.py",
+        "_handle",
+        0,
+    ),
+    ("  request object from scope", "quart/asgi.py", "_create_request_from_scope", 1),
+    ("message task (Quart-Trio handle_messages)", "quart_trio/asgi.py", "handle_messages", 0),
+    ("request task (Quart-Trio handle_request)", "quart_trio/asgi.py", "handle_request", 0),
+    ("  QuartTrio.handle_request", "quart_trio/app.py", "handle_request", 1),
+    ("    preprocess_request", "quart/app.py", "preprocess_request", 2),
+    ("    url match (werkzeug)", "werkzeug/routing/map.py", "match", 2),
+    ("    dispatch_request", "quart/app.py", "dispatch_request", 2),
+    ("      our route (http.watch)", "app/http.py", "watch", 3),
+    ("        store.authorize", "app/store.py", "authorize", 4),
     ("          store batch (trio side)", "app/store.py", "_authorize_batch", 5),
-    ("      finalize_request", "quart/app.py", "finalize_request", 3),
-    ("      do_teardown_request", "quart/app.py", "do_teardown_request", 3),
-    ("    _send_response (head + body)", "quart/asgi.py", "_send_response", 2),
-    ("      WatchBody.__aenter__", "app/watch.py", "__aenter__", 3),
-    ("        Hub.join", "app/hub.py", "join", 4),
-    ("      WatchBody.__anext__", "app/watch.py", "__anext__", 3),
-    ("      hypercorn app_send", "hypercorn/protocol/http_stream.py", "app_send", 3),
+    ("    finalize_request", "quart/app.py", "finalize_request", 2),
+    ("  _send_response (head + body)", "quart/asgi.py", "_send_response", 1),
+    ("    WatchBody.__aenter__", "app/watch.py", "__aenter__", 2),
+    ("      Hub.join", "app/hub.py", "join", 3),
+    ("    WatchBody.__anext__", "app/watch.py", "__anext__", 2),
+    ("    hypercorn app_send", "hypercorn/protocol/http_stream.py", "app_send", 2),
     ("admission task (Hub.admit)", "app/hub.py", "admit", 0),
     ("topic task (Hub._run_topic)", "app/hub.py", "_run_topic", 0),
     ("SUB batch task (trio side)", "app/subscriptions.py", "_run_batch", 0),
     ("SUB batch (asyncio side)", "app/subscriptions.py", "_apply", 0),
-    ("SQLite query (worker thread, not profiled)", "app/store.py", "query", 0),
 ]
+
+
+class GCTimes:
+    """Collections the interpreter ran, per generation: how many and how long in all.
+
+    Attribution matters here: a sampling profiler charges a collection to whichever
+    line allocated the object that triggered it.
+    """
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            generation = info["generation"]
+            self.count[generation] += 1
+            self.seconds[generation] += time.perf_counter() - self._started
+
+    def summary(self, connects: int) -> dict[str, Any]:
+        return {
+            "collections": list(self.count),
+            "us_per_connect": [round(s / connects * 1e6, 1) for s in self.seconds],
+        }
 
 
 class Counter(trio.abc.Instrument):
@@ -194,6 +241,46 @@ def top_functions(stats: pstats.Stats, connects: int, n: int = 30) -> list[str]:
     return out
 
 
+async def start_pyspy(nursery: trio.Nursery, out: Path) -> trio.Process:
+    """py-spy sampling this process (the trio thread and the rest) until SIGINT."""
+    spy = Path(sys.executable).with_name("py-spy")
+    cmd = [str(spy), "record", "--pid", str(os.getpid()), "--rate", "200", "--nonblocking"]
+    cmd += ["--format", "raw", "--output", str(out)]
+    proc: trio.Process = await nursery.start(
+        partial(trio.run_process, cmd, check=False, stdout=subprocess.DEVNULL)
+    )
+    await trio.sleep(0.5)  # attached (py-spy reads the interpreter's state first)
+    return proc
+
+
+def read_pyspy(path: Path) -> dict[str, int]:
+    """Collapsed stacks ("frame;frame;... count") -> samples."""
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            out[stack] = out.get(stack, 0) + int(count)
+    return out
+
+
+def pyspy_shares(samples: dict[str, int]) -> dict[str, float]:
+    """Each stage's share of the trio thread's samples (a sample counts for every stage
+    on its stack, so nested stages include their children)."""
+    trio_stacks = {k: v for k, v in samples.items() if "unrolled_run" in k}
+    total = sum(trio_stacks.values()) or 1
+    shares: dict[str, float] = {"trio thread samples": float(total)}
+    for label, suffix, func, _depth in STAGES:
+        hit = 0
+        for stack, count in trio_stacks.items():
+            for frame in stack.split(";"):
+                name, _, where = frame.partition(" (")
+                if (name == func or name.endswith("." + func)) and suffix in where:
+                    hit += count
+                    break
+        shares[label] = round(hit / total, 4)
+    return shares
+
+
 # -- the child: the watchers ------------------------------------------------------------
 
 
@@ -272,6 +359,7 @@ async def one_round(
     # On-CPU time of the trio thread: a syscall's wall time on a busy machine is
     # mostly waiting for a core, which no change here can remove.
     profiler = cProfile.Profile(time.thread_time) if mode == "cprofile" else None
+    collections = GCTimes()
     if mode == "count":
         trio.lowlevel.add_instrument(counter)
     cmd = [
@@ -299,19 +387,33 @@ async def one_round(
             with trio.fail_after(30):
                 await read_line(proc.stdout, buf)  # "go": the child is connecting now
             c0 = counter.snapshot()
+            gc.callbacks.append(collections)
+            if mode in ("pyspy", "cprofile"):
+                # Collections are measured in the ``time`` rounds; here they would be
+                # charged to whichever line happened to allocate.
+                gc.disable()
             cpu0 = time.process_time()
             trio_cpu0 = time.thread_time()
             wall0 = time.perf_counter()
             if profiler is not None:
                 profiler.enable()
+            spy = (
+                await start_pyspy(nursery, out_dir / f"connect-{index}.pyspy")
+                if mode == "pyspy"
+                else None
+            )
             with trio.fail_after(300):
                 report = json.loads(await read_line(proc.stdout, buf))
             if profiler is not None:
                 profiler.disable()
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
             trio_cpu = time.thread_time() - trio_cpu0
             c1 = counter.snapshot()
+            gc.callbacks.remove(collections)
+            gc.enable()
             await proc.stdin.aclose()  # the child closes its watchers and exits
             await proc.stdout.aclose()
     finally:
@@ -329,6 +431,7 @@ async def one_round(
         "server_cpu_s": round(cpu, 3),
         "cpu_us_per_connect": round(cpu / n * 1e6, 1),
         "trio_cpu_us_per_connect": round(trio_cpu / n * 1e6, 1),
+        "gc": collections.summary(n),
         "auth_batches": auth.summary(n),
         "sub_batches": subs.summary(n),
     }
@@ -338,6 +441,11 @@ async def one_round(
             "task_steps": round((c1[1] - c0[1]) / n, 2),
             "tasks_spawned": round((c1[2] - c0[2]) / n, 2),
         }
+    if mode == "pyspy":
+        samples = read_pyspy(out_dir / f"connect-{index}.pyspy")
+        result["pyspy"] = str(out_dir / f"connect-{index}.pyspy")
+        result["samples"] = sum(samples.values())
+        result["stage_shares"] = pyspy_shares(samples)
     if profiler is not None:
         path = out_dir / f"connect-{index}.pstats"
         profiler.dump_stats(path)
@@ -359,6 +467,9 @@ async def serve_and_measure(
         max_watchers=args.watchers + 100,
         max_watchers_per_session=args.watchers + 100,
         log_level="warning",
+        # No keepalive round inside a (slow, profiled) connect phase: its writes are
+        # not a connect's.
+        keepalive=3600.0,
     )
     listener = make_listener("127.0.0.1", setup.port, write_timeout=settings.write_timeout)
     stop = trio.Event()
@@ -409,17 +520,33 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         out["trio_cpu_us_per_connect_median"] = statistics.median(
             r["trio_cpu_us_per_connect"] for r in times
         )
+        out["gc_us_per_connect_median"] = [
+            statistics.median(r["gc"]["us_per_connect"][g] for r in times) for g in range(3)
+        ]
+        # What the stages below share: the trio thread's CPU less the collections.
+        out["trio_cpu_less_gc_us"] = round(
+            out["trio_cpu_us_per_connect_median"] - sum(out["gc_us_per_connect_median"]), 1
+        )
     counts = [r for r in results if r["mode"] == "count"]
     if counts:
         out["per_connect_median"] = {
             k: statistics.median(r["per_connect"][k] for r in counts)
             for k in counts[0]["per_connect"]
         }
+    spies = [r for r in results if r["mode"] == "pyspy"]
+    if spies and times:
+        # A stage's share of the trio thread's samples times its CPU per connect.
+        cpu = out["trio_cpu_less_gc_us"]
+        out["pyspy_stages_us"] = {
+            label: round(statistics.median(r["stage_shares"][label] for r in spies) * cpu, 1)
+            for label in spies[0]["stage_shares"]
+            if label != "trio thread samples"
+        }
     profiles = [r for r in results if r["mode"] == "cprofile"]
     if profiles and times:
         # cProfile's own overhead inflates every stage about alike: scale them back to
         # the uninstrumented CPU per connect, and say by how much.
-        cpu = out["trio_cpu_us_per_connect_median"]
+        cpu = out["trio_cpu_less_gc_us"]
         prof_cpu = statistics.median(r["trio_cpu_us_per_connect"] for r in profiles)
         scale = cpu / prof_cpu
         out["cprofile_overhead_x"] = round(prof_cpu / cpu, 2)
@@ -439,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--mode", default="time,count,cprofile", help="comma-separated: time,count,cprofile"
+        "--mode", default="time,count,pyspy", help="comma-separated: time,count,cprofile,pyspy"
     )
     ap.add_argument("--out-dir", default=tempfile.gettempdir() + "/connect-profile")
     ap.add_argument("--json", type=Path, help="write every round and the summary here")
