@@ -28,7 +28,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from app import embedded, fastsend, sse
+from app import embedded, fastsend, idletask, sse
 from app.bus import Bus, open_bus
 from app.config import Settings
 from app.errors import BusUnavailable, unwrap_single
@@ -140,6 +140,8 @@ async def run(
         fastsend.install()
     else:
         fastsend.uninstall()
+    # Each connection's keep-alive timer without a lock or a start handshake.
+    idletask.install()
     # Before anything starts (the embedded nats-server): a database that can never be
     # opened is a usage error, not an outage.
     await trio.to_thread.run_sync(check_database, settings.database_url)

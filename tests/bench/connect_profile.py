@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: `tests` and `app` importable
 import trio  # ruff: ignore[module-import-not-at-top-of-file]
 import trio.lowlevel  # ruff: ignore[module-import-not-at-top-of-file]
 
-from app import service, store, subscriptions  # ruff: ignore[module-import-not-at-top-of-file]
+from app import idletask, service, store, subscriptions  # ruff: ignore[module-import-not-at-top-of-file]
 from app.config import Settings  # ruff: ignore[module-import-not-at-top-of-file]
 from app.listen import make_listener  # ruff: ignore[module-import-not-at-top-of-file]
 from app.workers import tune_gc  # ruff: ignore[module-import-not-at-top-of-file]
@@ -119,7 +119,8 @@ STAGES: list[tuple[str, str, str, int]] = [
 
 
 class GCTimes:
-    """Collections the interpreter ran, per generation: how many and how long in all.
+    """Collections the interpreter ran, per generation: how many and their CPU time
+    (on the thread that ran each: on a busy machine wall time is mostly waiting).
 
     Attribution matters here: a sampling profiler charges a collection to whichever
     line allocated the object that triggered it.
@@ -132,11 +133,11 @@ class GCTimes:
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = time.thread_time()
         else:
             generation = info["generation"]
             self.count[generation] += 1
-            self.seconds[generation] += time.perf_counter() - self._started
+            self.seconds[generation] += time.thread_time() - self._started
 
     def summary(self, connects: int) -> dict[str, Any]:
         return {
@@ -152,12 +153,15 @@ class Counter(trio.abc.Instrument):
         self.passes = 0
         self.steps = 0
         self.spawned = 0
+        self.steps_by_task: dict[str, int] = {}
 
     def before_io_wait(self, timeout: float) -> None:
         self.passes += 1
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.steps += 1
+        name = getattr(task.coro, "__qualname__", "?")
+        self.steps_by_task[name] = self.steps_by_task.get(name, 0) + 1
 
     def task_spawned(self, task: trio.lowlevel.Task) -> None:
         self.spawned += 1
@@ -361,6 +365,7 @@ async def one_round(
     profiler = cProfile.Profile(time.thread_time) if mode == "cprofile" else None
     collections = GCTimes()
     if mode == "count":
+        counter.steps_by_task.clear()
         trio.lowlevel.add_instrument(counter)
     cmd = [
         sys.executable,
@@ -441,6 +446,8 @@ async def one_round(
             "task_steps": round((c1[1] - c0[1]) / n, 2),
             "tasks_spawned": round((c1[2] - c0[2]) / n, 2),
         }
+        by_task = sorted(counter.steps_by_task.items(), key=lambda kv: -kv[1])
+        result["task_steps_by_coroutine"] = {k: round(v / n, 3) for k, v in by_task[:20]}
     if mode == "pyspy":
         samples = read_pyspy(out_dir / f"connect-{index}.pyspy")
         result["pyspy"] = str(out_dir / f"connect-{index}.pyspy")
@@ -569,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         "--mode", default="time,count,pyspy", help="comma-separated: time,count,cprofile,pyspy"
     )
     ap.add_argument("--out-dir", default=tempfile.gettempdir() + "/connect-profile")
+    ap.add_argument(
+        "--hypercorn-idle-task",
+        action="store_true",
+        help="keep hypercorn's own idle timer (app/idletask.py not installed): the before",
+    )
     ap.add_argument("--json", type=Path, help="write every round and the summary here")
     ap.add_argument(
         "--client", nargs=3, metavar=("PORT", "REQUESTS", "CONCURRENCY"), help=argparse.SUPPRESS
@@ -603,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         setup = Setup(port, requests_file, len(requests), nats)
+        if args.hypercorn_idle_task:
+            idletask.install = lambda: False  # service.run installs it otherwise
         tune_gc()  # as `chatwatch serve` does, after every import
         results = trio.run(serve_and_measure, args, setup, db)
     finally:
