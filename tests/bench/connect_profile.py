@@ -581,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep hypercorn's own idle timer (app/idletask.py not installed): the before",
     )
+    ap.add_argument("--gc-threshold", help="A,B,C: gc.set_threshold after tune_gc (to compare)")
     ap.add_argument("--json", type=Path, help="write every round and the summary here")
     ap.add_argument(
         "--client", nargs=3, metavar=("PORT", "REQUESTS", "CONCURRENCY"), help=argparse.SUPPRESS
@@ -618,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.hypercorn_idle_task:
             idletask.install = lambda: False  # service.run installs it otherwise
         tune_gc()  # as `chatwatch serve` does, after every import
+        if args.gc_threshold:
+            gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
         results = trio.run(serve_and_measure, args, setup, db)
     finally:
         nats.stop()
