@@ -1,7 +1,11 @@
 """Where one connect's time goes: chatwatch in this process, the watchers in a child.
 
     python tests/bench/connect_profile.py [--watchers 5000] [--conversations 1000]
-        [--concurrency 256] [--rounds 3] [--mode time,count,pyspy,cprofile] [--json OUT]
+        [--concurrency 256] [--rounds 3] [--mode time,count[,pyspy][,cprofile]]
+        [--hypercorn-idle-task] [--gc-threshold A,B,C] [--json OUT]
+
+(``pip install py-spy`` for ``--mode ...,pyspy``. The figures in docs/findings.md
+came from ``--rounds 1 --mode time,pyspy,count`` and three ``--mode time,count``.)
 
 The idle scenario's connect phase, taken apart. A nats-server (no JetStream) and a
 seeded SQLite store are started, chatwatch is served in this process by
@@ -573,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--mode", default="time,count,pyspy", help="comma-separated: time,count,cprofile,pyspy"
+        "--mode", default="time,count", help="comma-separated: time,count,cprofile,pyspy"
     )
     ap.add_argument("--out-dir", default=tempfile.gettempdir() + "/connect-profile")
     ap.add_argument(
