@@ -125,6 +125,9 @@ def create_app(
         # The header (what EventSource sends by itself on a reconnect) wins over the
         # query parameter (for clients that cannot set headers).
         last = request.headers.get("Last-Event-ID")
+        if not request.query_string:
+            # Most watch requests have no query: its parse (a MultiDict) is skipped.
+            return Resume(last_event_id=last.strip() if last is not None else None)
         if last is None:
             last = request.args.get("last_event_id")
         live_only = request.args.get("live_only", "").lower() in ("1", "true", "yes")

@@ -369,7 +369,10 @@ class Hub:
         if not self._bus.connected and not w.told_down:
             w.told_down = True
             self._push(w, NATS_NOT_AVAILABLE)
-        await topic.live.wait()
+        if not topic.live.is_set():
+            # (Not awaited when already set: a watcher of a live conversation is
+            # admitted in its task's first step, one scheduler pass fewer per connect.)
+            await topic.live.wait()
         # A conversation that was live before an outage stays "live" (nats-py replays
         # its SUB on reconnect and flushes before saying so): `:ok` must still wait
         # for the connection, or events published meanwhile would be owed and lost.

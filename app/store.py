@@ -245,7 +245,12 @@ class _AuthRequest:
             self.done.set()
 
 
-def _grant(row: tuple[str, str | None] | None, req: _AuthRequest) -> Grant:
+# A session check's answer: (user id, the conversation's owner or None), or None when
+# the session is unknown, revoked or expired.
+_Row = tuple[str, str | None] | None
+
+
+def _grant(row: _Row, req: _AuthRequest) -> Grant:
     if row is None:
         return Grant(Access.UNAUTHORIZED)
     user_id, owner = row
@@ -414,17 +419,21 @@ class SQLiteStore(BatchedAuth):
 
     async def _authorize_batch(self, batch: list[_AuthRequest]) -> None:
         now = time.time()
+        # A burst often asks one question many times (a session's tabs, a reconnect
+        # storm): each distinct (session, conversation) is asked once, in the same
+        # transaction-free moment as the rest of the batch.
+        keys = list(dict.fromkeys((r.token_hash, r.conversation_id) for r in batch))
 
-        def query(c: sqlite3.Connection) -> list[tuple[str, str | None] | None]:
-            out: list[tuple[str, str | None] | None] = []
-            for r in batch:
+        def query(c: sqlite3.Connection) -> dict[tuple[str, str | None], _Row]:
+            out: dict[tuple[str, str | None], _Row] = {}
+            for token_hash, conversation_id in keys:
                 row = c.execute(
                     "SELECT s.user_id, c.owner_id FROM sessions s "
                     "LEFT JOIN conversations c ON c.id = ? "
                     "WHERE s.token_hash = ? AND s.revoked = 0 AND s.expires_at > ?",
-                    (r.conversation_id, r.token_hash, now),
+                    (conversation_id, token_hash, now),
                 ).fetchone()
-                out.append(None if row is None else (row[0], row[1]))
+                out[token_hash, conversation_id] = None if row is None else (row[0], row[1])
             return out
 
         try:
@@ -433,8 +442,8 @@ class SQLiteStore(BatchedAuth):
             for r in batch:
                 r.fail(exc)
             return
-        for r, row in zip(batch, rows, strict=True):
-            r.grant = _grant(row, r)
+        for r in batch:
+            r.grant = _grant(rows[r.token_hash, r.conversation_id], r)
             r.done.set()
 
     async def ping(self) -> bool:

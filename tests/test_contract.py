@@ -134,6 +134,7 @@ async def test_ok_headers_and_ok_comment_with_bearer_and_cookie(svc: Service) ->
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"
         assert response.headers["x-accel-buffering"] == "no"
+        assert "server" not in response.headers  # no make or version given away
         assert await response.next_frame() == b":ok"
         await response.aclose()
 

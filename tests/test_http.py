@@ -19,6 +19,13 @@ from tests.streams import parse, watch
 async def test_healthz_and_readyz(svc: Service) -> None:
     status, _headers, body = await get(svc.port, "/healthz")
     assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+    async def nats_up() -> bool:
+        # The fixture waits until nats-server counts the service's connection; the
+        # service's client says "connected" a handshake later.
+        return bool(json.loads((await get(svc.port, "/readyz"))[2])["nats"])
+
+    await poll_until(nats_up)
     status, _, body = await get(svc.port, "/readyz")
     assert (status, json.loads(body)) == (200, {"nats": True, "store": True, "history": False})
 

@@ -813,6 +813,8 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
         outer.cancel_scope.cancel()
     result["phases"]["delivery"] = phase.end()
     missing = silent = owed_total = 0
+    silent_detail: list[dict[str, Any]] = []
+    gap_detail: list[dict[str, Any]] = []
     for w in finished:
         if not w.ok_ns:
             continue
@@ -824,8 +826,36 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
         owed_total += len(owed)
         lost = len(owed - w.seen)
         missing += lost
+        if lost and lost < len(owed) and len(gap_detail) < 10:
+            # a watcher that got some of what it was owed: where the holes are
+            sent = dict(published[w.req.conversation])
+            holes = sorted(owed - w.seen)
+            gap_detail.append(
+                {
+                    "holes": holes[:8],
+                    "holes_ts_ms": [round((sent[s] - w.ok_ns) / 1e6, 1) for s in holes[:8]],
+                    "seen_range": [min(w.seen), w.highest],
+                    "seen": len(w.seen),
+                    "open_ms": round((w.closed_ns - w.ok_ns) / 1e6, 1),
+                }
+            )
         if owed and lost == len(owed):
             silent += 1
+            if len(silent_detail) < 20:
+                # what a silent watcher saw, relative to its `:ok` (ms): to tell a late
+                # delivery from a lost one
+                sent = dict(published[w.req.conversation])
+                silent_detail.append(
+                    {
+                        "owed": sorted(owed)[:5],
+                        "owed_ts_ms": [
+                            round((sent[s] - w.ok_ns) / 1e6, 1) for s in sorted(owed)[:5]
+                        ],
+                        "open_ms": round((w.closed_ns - w.ok_ns) / 1e6, 1),
+                        "seen": len(w.seen),
+                        "highest": w.highest,
+                    }
+                )
     zero_ms, left = await wait_subs_gone(target.monitor_url, subs_before)
     result["cleanup"] = {"subs_zero_ms": zero_ms, "subs_remaining": left}
     result["delivery"] = {
@@ -836,6 +866,8 @@ async def run_churn(target: Target, sc: Scenario) -> dict[str, Any]:
         "owed": owed_total,
         "missing": missing,
         "silent_watchers": silent,
+        "silent_detail": silent_detail,
+        "gap_detail": gap_detail,
         "duplicates": tally.duplicates,
         "out_of_order": tally.out_of_order,
         "misrouted": tally.misrouted,
