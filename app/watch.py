@@ -9,7 +9,7 @@ disconnect, which cancels quart-trio's request nursery, cancels this one with it
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 
 import trio
@@ -23,16 +23,14 @@ from app.limits import Slot
 _COALESCE_BYTES = 256 * 1024
 
 
-def _cancel_if_busy(nursery: trio.Nursery) -> None:
-    # Cancelling a scope walks its tasks and children; once admission is over the
-    # nursery is empty and there is nothing to cancel (measured: a quarter of the
-    # cost of a disconnect went here).
-    if nursery.child_tasks:
-        nursery.cancel_scope.cancel()
-
-
 class WatchBody(ResponseBody):
-    """Streams one watcher; the hub forgets it when the body is closed, however."""
+    """Streams one watcher; the hub forgets it when the body is closed, however.
+
+    What it holds for a whole stream is kept small (an idle watcher is mostly this
+    and the connection): no exit stack (its callbacks cost more than the body), and
+    the admission nursery is closed as soon as the admission is over rather than
+    when the stream ends (docs/findings.md, "What an idle watcher holds").
+    """
 
     def __init__(
         self,
@@ -48,7 +46,11 @@ class WatchBody(ResponseBody):
         self._resume = resume
         self._slot = slot
         self._watcher: Watcher | None = None
-        self._stack = AsyncExitStack()
+        # Whether `__aexit__` owes the hub a `leave` (set once the watcher is in it).
+        self._joined = False
+        # The admission's nursery, open from `__aenter__` until the admission is over.
+        self._admission: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
         self._ended = False
 
     @classmethod
@@ -62,25 +64,58 @@ class WatchBody(ResponseBody):
         # Joining here, not in the route, pairs `join` with `leave` in one place with
         # no checkpoint between them: a client that hangs up while the response head
         # is being sent can never leave a watcher (and its subscription) behind.
-        if self._slot is not None:
-            # Released when the stream ends; the request releases it too if the body
-            # never gets this far (see http._ReleaseSlots). Release is idempotent.
-            self._stack.callback(self._slot.release)
+        # The slot is released in `__aexit__`; the request releases it too if the body
+        # never gets this far (see http._ReleaseSlots). Release is idempotent.
         if self._hub.closed:
             self._ended = True
             return self
         if self._watcher is None:
             self._watcher = self._hub.join(self._conversation_id, self._owner, self._resume)
-        stack = self._stack
-        stack.callback(self._hub.leave, self._watcher)
-        nursery = await stack.enter_async_context(trio.open_nursery())
+            self._resume = None  # the watcher has it
+        self._joined = True
+        admission = trio.open_nursery()
+        try:
+            nursery = await admission.__aenter__()
+        except BaseException:
+            self._release()
+            raise
+        self._admission, self._nursery = admission, nursery
         # What feeds the channel besides the hub's fan-out: the admission (NATS status,
         # waiting for the subscription, `:ok`, and with history on the replay: it runs
         # here, in this watcher's nursery, never in the hub). Keepalives and NATS status
         # changes come from the hub's own tasks, one for all watchers.
         nursery.start_soon(self._hub.admit, self._watcher)
-        stack.callback(_cancel_if_busy, nursery)
         return self
+
+    async def _end_admission(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the admission's nursery (cancelling the admission if it still runs).
+
+        In the task that opened it, and never from inside another cancel scope opened
+        after it: it is either the body's own drain step (`__anext__`, called directly
+        by the loop that `async with body` brackets) or `__aexit__`.
+        """
+        admission, nursery = self._admission, self._nursery
+        if admission is None or nursery is None:
+            return
+        self._admission = self._nursery = None
+        # Cancelling a scope walks its tasks and children; once admission is over the
+        # nursery is empty and there is nothing to cancel (measured: a quarter of the
+        # cost of a disconnect went here).
+        if nursery.child_tasks:
+            nursery.cancel_scope.cancel()
+        await admission.__aexit__(exc_type, exc_value, tb)
+
+    def _release(self) -> None:
+        if self._joined and self._watcher is not None:
+            self._joined = False
+            self._hub.leave(self._watcher)
+        if self._slot is not None:
+            self._slot.release()
 
     async def __aexit__(
         self,
@@ -88,17 +123,34 @@ class WatchBody(ResponseBody):
         exc_value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        single: BaseException | None = None
         try:
-            await self._stack.__aexit__(exc_type, exc_value, tb)
+            await self._end_admission(exc_type, exc_value, tb)
         except BaseExceptionGroup as group:
             single = unwrap_single(group)
-        else:
+        finally:
+            self._release()
+        if single is None:
             return
         # Raised outside the `except`: raising inside it would link the exception to
         # the group that contains it (a reference cycle per disconnected client, which
         # only a full garbage collection frees: measured as RSS growth under churn).
         try:
             raise single
+        finally:
+            del single
+
+    async def _admitted(self) -> None:
+        """The admission is over: its nursery goes now, not at the end of the stream."""
+        single: BaseException | None = None
+        try:
+            await self._end_admission(None, None, None)
+        except BaseExceptionGroup as group:
+            single = unwrap_single(group)
+        if single is None:
+            return
+        try:
+            raise single  # outside the `except`, as in `__aexit__`
         finally:
             del single
 
@@ -109,6 +161,8 @@ class WatchBody(ResponseBody):
         watcher = self._watcher
         if watcher is None:
             raise StopAsyncIteration
+        if self._nursery is not None and not self._nursery.child_tasks:
+            await self._admitted()
         try:
             return await watcher.outbox.take(_COALESCE_BYTES)
         except (trio.EndOfChannel, trio.ClosedResourceError):

@@ -188,7 +188,14 @@ def compare(before: Point, after: Point, n: int, top: int) -> Report:
     for d in diffs:
         frames = list(reversed(d.traceback))
         start = next((i for i, f in enumerate(frames) if layer_of(f.filename)), 0)
-        key = tuple(short(f) for f in frames[start : start + 3])
+        # ...and where the first frame outside trio asked for it.
+        asker = next(
+            (f for f in frames[start:] if layer_of(f.filename) not in (None, "trio")), None
+        )
+        chosen = frames[start : start + 2]
+        if asker is not None and asker not in chosen:
+            chosen.append(asker)
+        key = tuple(short(f) for f in chosen)
         entry = sites.setdefault(key, [0.0, 0.0])
         entry[0] += d.size_diff
         entry[1] += d.count_diff
@@ -206,7 +213,8 @@ def print_report(r: Report) -> None:
         for layer in LAYER_ORDER:
             a, b = r.allocated_in[layer], r.on_behalf_of[layer]
             print(f"{layer:<20}{a:>14,.0f}{b:>14,.0f}")
-        print("\ntop sites (bytes, blocks per watcher; innermost library frame, 2 callers):")
+        print("\ntop sites (bytes, blocks per watcher; innermost library frame, its caller,")
+        print("the first frame outside trio):")
         for size, count, key in r.sites:
             print(f"{size:>8,.0f} B {count:>6.2f}  " + "  <  ".join(key))
     print("\nobjects per watcher (gc-tracked, |diff| >= 0.1):")
@@ -391,7 +399,9 @@ async def measure(args: argparse.Namespace) -> Report:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--watchers", type=int, default=1000)
-    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument(
+        "--conversations", type=int, default=0, help="default: one per 5 watchers (the harness's)"
+    )
     parser.add_argument("--frames", type=int, default=25, help="tracemalloc traceback depth")
     parser.add_argument("--no-trace", dest="trace", action="store_false")
     parser.add_argument("--top", type=int, default=15)
@@ -401,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client:
         port, token, cids_path, count = args.client
         return run_client(int(port), token, Path(cids_path).read_text().split(), int(count))
+    args.conversations = args.conversations or max(1, args.watchers // 5)
     report = trio.run(measure, args)
     print_report(report)
     if args.json is not None:
