@@ -34,6 +34,7 @@ import inspect
 import logging
 import textwrap
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any, cast
 
 import trio
@@ -134,8 +135,8 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
     the length of a streamed body (see the module docstring)."""
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        # One coroutine for what upstream splits over three: each suspended one is a
-        # frame that an idle stream keeps.
+        # One coroutine for what upstream splits over four (quart's `_send_response`
+        # too): each suspended one is a frame that an idle stream keeps.
         async with trio.open_nursery() as nursery:
             request: Request | None = self._create_request_from_scope(send)
             assert request is not None
@@ -150,11 +151,23 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
             body: Iterable[Any] | ResponseBody = response.response
             sized = isinstance(response, WerkzeugResponse)
             del response  # the head is built: only the body is needed from here on
-            if timeout is not None:
-                with trio.move_on_after(timeout):
-                    await self._send(send, head, body, sized)
-            else:
-                await self._send(send, head, body, sized)
+            deadline = trio.move_on_after(timeout) if timeout is not None else nullcontext()
+            with deadline:
+                await send(cast(Any, head))
+                if sized:
+                    assert not isinstance(body, ResponseBody)
+                    for data in body:
+                        chunk = data.encode() if isinstance(data, str) else data
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                else:
+                    assert isinstance(body, ResponseBody)
+                    async with body as response_body:
+                        async for data in response_body:
+                            chunk = data.encode() if isinstance(data, str) else data
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             nursery.cancel_scope.cancel()
 
     async def _read_messages(
@@ -173,25 +186,3 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
             elif message["type"] == "http.disconnect":
                 break
         scope.cancel()
-
-    async def _send(
-        self,
-        send: ASGISendCallable,
-        head: dict[str, Any],
-        body: Iterable[Any] | ResponseBody,
-        sized: bool,
-    ) -> None:
-        """quart's `_send_response`, from a head and a body rather than a Response."""
-        await send(cast(Any, head))
-        if sized:
-            assert not isinstance(body, ResponseBody)
-            for data in body:
-                chunk = data.encode() if isinstance(data, str) else data
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        else:
-            assert isinstance(body, ResponseBody)
-            async with body as response_body:
-                async for data in response_body:
-                    chunk = data.encode() if isinstance(data, str) else data
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})

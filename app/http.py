@@ -211,4 +211,6 @@ class CloseSafeASGI:
             else:
                 await send(message)
 
-        await self.app(scope, receive, send_final_shielded)
+        # `asgi_app`, not the app: Quart's `__call__` only calls it, and would be one
+        # more suspended frame for the whole stream.
+        await self.app.asgi_app(scope, receive, send_final_shielded)
