@@ -22,9 +22,10 @@ same work with:
 Why a subclass checked against source hashes: the methods it replaces are
 quart-trio's and quart's own code, and their semantics (timeouts, which message ends
 the reader, how the body is sent) are what this mirrors. `is_supported` hashes them;
-when any differs from the pinned versions' (quart 0.22.0, quart-trio 0.12.0) the app
-keeps quart-trio's own class (a warning says so): an upgrade costs the saving, never
-correctness, and the tests fail on the hash first.
+when any differs from the versions mirrored (`MIRRORED`) the app keeps quart-trio's
+own class (a warning says so): another version costs the saving, never correctness.
+quart-trio is not pinned (0.13 is the one for Python 3.13), so the tests check the
+hashes wherever the mirrored versions are installed, and the fallback elsewhere.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 log = logging.getLogger("chatwatch.asgiconn")
+
+# The versions whose code this module mirrors.
+MIRRORED = {"quart": "0.22.0", "quart-trio": "0.12.0"}
 
 # sha256 of the dedented source of each upstream method this class mirrors.
 EXPECTED_SOURCE_SHA256: dict[str, str] = {

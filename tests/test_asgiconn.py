@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import weakref
+from importlib.metadata import version
 from typing import Any, cast
 
+import pytest
 import trio
 from quart import Response, request
 from quart.wrappers.response import ResponseBody
@@ -15,11 +17,25 @@ from quart_trio import QuartTrio
 from app import asgiconn
 
 
+def _mirrored_versions() -> bool:
+    return all(version(name) == v for name, v in asgiconn.MIRRORED.items())
+
+
 def test_upstream_is_the_version_mirrored() -> None:
-    # Fails on a quart or quart-trio upgrade that changed what the adapter mirrors:
-    # check the new code, then update EXPECTED_SOURCE_SHA256.
-    assert asgiconn.mismatches() == []
-    assert asgiconn.is_supported()
+    if _mirrored_versions():
+        # The code this adapter mirrors is the code installed.
+        assert asgiconn.mismatches() == []
+        assert asgiconn.is_supported()
+    else:
+        # Another quart or quart-trio (0.13 on Python 3.13): the app keeps quart-trio's
+        # own class. To have the saving there too, check the new code against the
+        # adapter, then add its versions and hashes.
+        assert not asgiconn.is_supported()
+
+
+lean_only = pytest.mark.skipif(
+    not asgiconn.is_supported(), reason="quart/quart-trio not the versions mirrored"
+)
 
 
 class _Body(ResponseBody):
@@ -74,6 +90,7 @@ def _state() -> dict[str, Any]:
     return {"idling": trio.Event(), "end": trio.Event()}
 
 
+@lean_only
 async def test_a_streaming_body_holds_no_request_or_response() -> None:
     state = _state()
     app = _app(state)
@@ -98,6 +115,7 @@ async def _holds_nothing(app: QuartTrio, state: dict[str, Any]) -> None:
         assert state["exited"]
 
 
+@lean_only
 async def test_a_disconnect_cancels_the_body() -> None:
     state = _state()
     app = _app(state)
@@ -139,6 +157,7 @@ async def _disconnects(app: QuartTrio, state: dict[str, Any]) -> None:
     assert [m.get("body") for m in sent if m["type"] == "http.response.body"] == [b"first"]
 
 
+@lean_only
 async def test_a_request_body_still_reaches_the_route() -> None:
     app = _app(_state())
     async with app.test_app() as test_app:
