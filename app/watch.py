@@ -1,10 +1,12 @@
 """The body of one SSE response: a nursery that feeds the watcher's channel, drained.
 
 Quart drives a response body as ``async with body as it: async for data in it: send``,
-all in one task. `WatchBody` opens the watcher's nursery in ``__aenter__`` and closes
-it in ``__aexit__``, so the nursery brackets the whole drain loop in that one task:
-nothing is ever yielded from inside a cancel scope (trio#638), and a client
-disconnect, which cancels quart-trio's request nursery, cancels this one with it.
+all in one task. `WatchBody` opens the watcher's admission nursery in ``__aenter__``
+and closes it in that task too: at the first drain step after the admission has
+finished, or in ``__aexit__``, so the nursery brackets part of the drain loop in that
+one task: nothing is ever yielded from inside a cancel scope (trio#638), and a client
+disconnect, which cancels the request's nursery (app/asgiconn.py), cancels this one
+with it.
 """
 
 from __future__ import annotations
