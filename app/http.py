@@ -13,7 +13,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from app import auth, ids, limits, metrics, openapi
+from app import asgiconn, auth, ids, limits, metrics, openapi
 from app.errors import StoreUnavailable
 from app.hub import Hub, Resume
 from app.store import Access, Store
@@ -62,6 +62,9 @@ def create_app(
 ) -> QuartTrio:
     """Build the app. Owns no task: every long-lived thing belongs to `service.run`."""
     app = QuartTrio("chatwatch")
+    if asgiconn.is_supported():
+        # A long stream holds no request, response or second task (app/asgiconn.py).
+        app.asgi_http_class = asgiconn.LeanHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     # No 308 redirects for "//" in a path (a percent-encoded "/" in an id would get
     # one): an id that is not a UUID is a 404, however it is spelled.
@@ -211,4 +214,6 @@ class CloseSafeASGI:
             else:
                 await send(message)
 
-        await self.app(scope, receive, send_final_shielded)
+        # `asgi_app`, not the app: Quart's `__call__` only calls it, and would be one
+        # more suspended frame for the whole stream.
+        await self.app.asgi_app(scope, receive, send_final_shielded)

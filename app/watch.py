@@ -1,10 +1,12 @@
 """The body of one SSE response: a nursery that feeds the watcher's channel, drained.
 
 Quart drives a response body as ``async with body as it: async for data in it: send``,
-all in one task. `WatchBody` opens the watcher's nursery in ``__aenter__`` and closes
-it in ``__aexit__``, so the nursery brackets the whole drain loop in that one task:
-nothing is ever yielded from inside a cancel scope (trio#638), and a client
-disconnect, which cancels quart-trio's request nursery, cancels this one with it.
+all in one task. `WatchBody` opens the watcher's admission nursery in ``__aenter__``
+and closes it in that task too: at the first drain step after the admission has
+finished, or in ``__aexit__``, so the nursery brackets part of the drain loop in that
+one task: nothing is ever yielded from inside a cancel scope (trio#638), and a client
+disconnect, which cancels the request's nursery (app/asgiconn.py), cancels this one
+with it.
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ from app.limits import Slot
 _COALESCE_BYTES = 256 * 1024
 
 
-def _cancel_if_busy(nursery: trio.Nursery) -> None:
-    # Cancelling a scope walks its tasks and children; once admission is over the
-    # nursery is empty and there is nothing to cancel (measured: a quarter of the
-    # cost of a disconnect went here).
-    if nursery.child_tasks:
-        nursery.cancel_scope.cancel()
-
-
 class WatchBody(ResponseBody):
-    """Streams one watcher; the hub forgets it when the body is closed, however."""
+    """Streams one watcher; the hub forgets it when the body is closed, however.
+
+    What it holds for a whole stream is kept small (an idle watcher is mostly this
+    and the connection): no exit stack (its callbacks cost more than the body), and
+    the admission nursery is closed as soon as the admission is over rather than
+    when the stream ends (docs/findings.md, "What an idle watcher holds").
+    """
 
     def __init__(
         self,
@@ -48,8 +48,10 @@ class WatchBody(ResponseBody):
         self._resume = resume
         self._slot = slot
         self._watcher: Watcher | None = None
-        # The watcher's nursery, entered and exited by hand (see __aexit__).
-        self._manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        # Whether `__aexit__` owes the hub a `leave` (set once the watcher is in it).
+        self._joined = False
+        # The admission's nursery, open from `__aenter__` until the admission is over.
+        self._admission: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self._ended = False
 
@@ -64,19 +66,22 @@ class WatchBody(ResponseBody):
         # Joining here, not in the route, pairs `join` with `leave` in one place with
         # no checkpoint between them: a client that hangs up while the response head
         # is being sent can never leave a watcher (and its subscription) behind.
+        # The slot is released in `__aexit__`; the request releases it too if the body
+        # never gets this far (see http._ReleaseSlots). Release is idempotent.
         if self._hub.closed:
             self._ended = True
-            self._close()
             return self
         if self._watcher is None:
             self._watcher = self._hub.join(self._conversation_id, self._owner, self._resume)
-        manager = trio.open_nursery()
+            self._resume = None  # the watcher has it
+        self._joined = True
+        admission = trio.open_nursery()
         try:
-            nursery = await manager.__aenter__()
+            nursery = await admission.__aenter__()
         except BaseException:
-            self._close()
+            self._release()
             raise
-        self._manager, self._nursery = manager, nursery
+        self._admission, self._nursery = admission, nursery
         # What feeds the channel besides the hub's fan-out: the admission (NATS status,
         # waiting for the subscription, `:ok`, and with history on the replay: it runs
         # here, in this watcher's nursery, never in the hub). Keepalives and NATS status
@@ -84,13 +89,37 @@ class WatchBody(ResponseBody):
         nursery.start_soon(self._hub.admit, self._watcher)
         return self
 
-    def _close(self) -> None:
-        """Leave the hub and give the admission slot back (both idempotent)."""
-        if self._watcher is not None:
+    async def _end_admission(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the admission's nursery (cancelling the admission if it still runs).
+
+        In the task that opened it, and never from inside another cancel scope opened
+        after it: it is either the body's own drain step (`__anext__`, called directly
+        by the loop that `async with body` brackets) or `__aexit__`.
+        """
+        admission, nursery = self._admission, self._nursery
+        if admission is None or nursery is None:
+            return
+        self._admission = self._nursery = None
+        # Cancelling a scope walks its tasks and children; once admission is over the
+        # nursery is empty and there is nothing to cancel (measured: a quarter of the
+        # cost of a disconnect went here).
+        if nursery.child_tasks:
+            nursery.cancel_scope.cancel()
+        try:
+            await admission.__aexit__(exc_type, exc_value, tb)
+        finally:
+            del exc_value, tb  # see __aexit__: no frame keeps the exception it passes on
+
+    def _release(self) -> None:
+        if self._joined and self._watcher is not None:
+            self._joined = False
             self._hub.leave(self._watcher)
         if self._slot is not None:
-            # The request releases it too if the body never got this far (see
-            # http._ReleaseSlots).
             self._slot.release()
 
     async def __aexit__(
@@ -99,30 +128,40 @@ class WatchBody(ResponseBody):
         exc_value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # No AsyncExitStack here, and no local left naming an exception when one is
-        # raised: every frame an exception passes through joins its traceback, and a
-        # frame that still refers to the exception (contextlib's __aexit__ keeps the
-        # group it re-raises in a local) makes a reference cycle that holds the whole
-        # connection (request, hypercorn's objects, trio's tasks) until a full garbage
-        # collection. Under churn those collections took up to 1.8 s and stalled every
-        # stream (measured: about 160 objects of cyclic garbage per cancelled stream).
-        manager, nursery = self._manager, self._nursery
-        self._manager = self._nursery = None
+        single: BaseException | None = None
         try:
-            if manager is not None and nursery is not None:
-                _cancel_if_busy(nursery)
-                await manager.__aexit__(exc_type, exc_value, tb)
+            await self._end_admission(exc_type, exc_value, tb)
         except BaseExceptionGroup as group:
             single = unwrap_single(group)
-        else:
-            return
         finally:
+            # No local may still name the exception that came in when `single` (often
+            # that very Cancelled) is raised from this frame: the frame joins its
+            # traceback, and the cycle would hold the whole connection (request,
+            # hypercorn's objects, trio's tasks) until a full garbage collection. Under
+            # churn those collections stalled the process for up to 1.8 s
+            # (tests/test_garbage.py).
             del exc_value, tb
-            self._close()
+            self._release()
+        if single is None:
+            return
         # Raised outside the `except`: raising inside it would link the exception to
-        # the group that contains it.
+        # the group that contains it (the same kind of cycle).
         try:
             raise single
+        finally:
+            del single
+
+    async def _admitted(self) -> None:
+        """The admission is over: its nursery goes now, not at the end of the stream."""
+        single: BaseException | None = None
+        try:
+            await self._end_admission(None, None, None)
+        except BaseExceptionGroup as group:
+            single = unwrap_single(group)
+        if single is None:
+            return
+        try:
+            raise single  # outside the `except`, as in `__aexit__`
         finally:
             del single
 
@@ -133,6 +172,8 @@ class WatchBody(ResponseBody):
         watcher = self._watcher
         if watcher is None:
             raise StopAsyncIteration
+        if self._nursery is not None and not self._nursery.child_tasks:
+            await self._admitted()
         try:
             return await watcher.outbox.take(_COALESCE_BYTES)
         except (trio.EndOfChannel, trio.ClosedResourceError):
