@@ -30,10 +30,7 @@ hashes wherever the mirrored versions are installed, and the fallback elsewhere.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
-import textwrap
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any, cast
@@ -46,6 +43,8 @@ from quart.wrappers import Body, Request, Response
 from quart.wrappers.response import ResponseBody
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.wrappers import Response as WerkzeugResponse
+
+from app import upstream
 
 log = logging.getLogger("chatwatch.asgiconn")
 
@@ -88,22 +87,9 @@ def upstream_methods() -> dict[str, Callable[..., object]]:
     }
 
 
-def source_sha256(function: Callable[..., object]) -> str:
-    source = textwrap.dedent(inspect.getsource(function))
-    return hashlib.sha256(source.encode()).hexdigest()
-
-
 def mismatches() -> list[str]:
     """The upstream methods whose source is not the one this module mirrors."""
-    wrong = []
-    for name, function in upstream_methods().items():
-        try:
-            digest = source_sha256(function)
-        except (OSError, TypeError):
-            digest = ""
-        if digest != EXPECTED_SOURCE_SHA256[name]:
-            wrong.append(name)
-    return wrong
+    return upstream.mismatches(EXPECTED_SOURCE_SHA256, upstream_methods())
 
 
 def is_supported() -> bool:

@@ -25,10 +25,7 @@ on a change.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
-import textwrap
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -37,6 +34,8 @@ from h11._writers import ChunkedWriter
 from hypercorn.events import RawData
 from hypercorn.protocol.events import Body, Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
+
+from app.upstream import mismatches
 
 log = logging.getLogger("chatwatch.fastchunk")
 
@@ -49,12 +48,6 @@ EXPECTED_SOURCES_SHA256 = {
 
 _StreamSend = Callable[[H11Protocol, StreamEvent], Coroutine[Any, Any, None]]
 _original: _StreamSend | None = None
-
-
-def source_sha256(function: Callable[..., object]) -> str:
-    """The hash `install` compares: of the source, dedented, so only code changes count."""
-    source = textwrap.dedent(inspect.getsource(function))
-    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def upstream_sources() -> dict[str, Callable[..., object]]:
@@ -76,19 +69,13 @@ def install() -> bool:
     global _original
     if _original is not None:
         return True
-    for name, function in upstream_sources().items():
-        try:
-            digest = source_sha256(function)
-        except (OSError, TypeError) as exc:
-            log.warning("fast chunk: cannot read %s (%s); left off", name, exc)
-            return False
-        if digest != EXPECTED_SOURCES_SHA256[name]:
-            log.warning(
-                "fast chunk: %s is not the one this adapter mirrors (source sha256 %s); left off",
-                name,
-                digest[:12],
-            )
-            return False
+    wrong = mismatches(EXPECTED_SOURCES_SHA256, upstream_sources())
+    if wrong:
+        log.warning(
+            "fast chunk: %s not the one this adapter mirrors (source sha256); left off",
+            ", ".join(wrong),
+        )
+        return False
     _original = H11Protocol.stream_send
     H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     return True

@@ -26,11 +26,8 @@ version the hash was taken from, so the check fails in the tests, not in product
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import os
-import textwrap
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +35,8 @@ from typing import Any
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
+
+from app.upstream import source_sha256
 
 log = logging.getLogger("chatwatch.fastsend")
 
@@ -62,12 +61,6 @@ stats = Stats()
 
 _Send = Callable[[TCPServer, Event], Coroutine[Any, Any, None]]
 _original: _Send | None = None
-
-
-def source_sha256(function: Callable[..., object]) -> str:
-    """The hash `install` compares: of the source, dedented, so only code changes count."""
-    source = textwrap.dedent(inspect.getsource(function))
-    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def installed() -> bool:

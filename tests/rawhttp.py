@@ -79,9 +79,12 @@ class StreamApp:
 
 
 @asynccontextmanager
-async def serving(app: Any, *, sndbuf: int | None = None) -> AsyncGenerator[int, None]:
+async def serving(
+    app: Any, *, sndbuf: int | None = None, keep_alive: float | None = None
+) -> AsyncGenerator[int, None]:
     """hypercorn serving `app` on 127.0.0.1; yields the port. `sndbuf` is set on the
-    listener, which accepted connections inherit."""
+    listener, which accepted connections inherit; `keep_alive`: hypercorn's
+    keep_alive_timeout (its default when None)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     if sndbuf is not None:
@@ -91,6 +94,8 @@ async def serving(app: Any, *, sndbuf: int | None = None) -> AsyncGenerator[int,
     config.bind = [f"fd://{listener.detach()}"]
     config.accesslog = None
     config.graceful_timeout = 1
+    if keep_alive is not None:
+        config.keep_alive_timeout = keep_alive
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(

@@ -6,7 +6,6 @@ replaces sits below the app), the clients raw trio sockets with h11 parsing the 
 
 from __future__ import annotations
 
-import logging
 import socket
 import struct
 import tomllib
@@ -20,7 +19,7 @@ import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
-from app import fastsend
+from app import fastsend, upstream
 from tests.rawhttp import LIMIT, StreamApp, connect, frame, request, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,35 +52,7 @@ def test_hypercorn_is_the_version_and_code_the_adapter_mirrors() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"hypercorn=={version('hypercorn')}" in deps
     original = fastsend._original or TCPServer.protocol_send
-    assert fastsend.source_sha256(original) == fastsend.EXPECTED_SOURCE_SHA256
-
-
-def test_install_refuses_code_it_does_not_know(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    fastsend.uninstall()
-
-    async def changed_upstream(self: TCPServer, event: Event) -> None:
-        del self, event
-
-    monkeypatch.setattr(TCPServer, "protocol_send", changed_upstream)
-    with caplog.at_level(logging.WARNING, "chatwatch.fastsend"):
-        assert not fastsend.install()
-    assert TCPServer.protocol_send is changed_upstream
-    assert not fastsend.installed()
-    assert "not the one this adapter mirrors" in caplog.text
-
-
-def test_install_is_idempotent_and_uninstall_restores() -> None:
-    fastsend.uninstall()
-    original = TCPServer.protocol_send
-    assert fastsend.install()
-    replaced = TCPServer.protocol_send
-    assert replaced is not original
-    assert fastsend.install()
-    assert TCPServer.protocol_send is replaced
-    fastsend.uninstall()
-    assert TCPServer.protocol_send is original
+    assert upstream.source_sha256(original) == fastsend.EXPECTED_SOURCE_SHA256
 
 
 # ------------------------------------------------------------ end to end

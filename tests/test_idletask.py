@@ -7,22 +7,20 @@ adapter and without it.
 
 from __future__ import annotations
 
-import socket
 import tomllib
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import hypercorn.config
-import hypercorn.trio
 import pytest
 import trio
 import trio.lowlevel
 from hypercorn.trio import tcp_server
 
 from app import idletask
+from tests import rawhttp
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 15.0  # a hang guard, not a performance limit
@@ -59,27 +57,8 @@ class App:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-@asynccontextmanager
-async def serving(app: Any) -> AsyncGenerator[int, None]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = int(listener.getsockname()[1])
-    config = hypercorn.config.Config()
-    config.bind = [f"fd://{listener.detach()}"]
-    config.accesslog = None
-    config.graceful_timeout = 1
-    config.keep_alive_timeout = KEEP_ALIVE
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: hypercorn.trio.serve(
-                app, config, shutdown_trigger=stop.wait, task_status=task_status
-            )
-        )
-        try:
-            yield port
-        finally:
-            stop.set()
+def serving(app: Any) -> AbstractAsyncContextManager[int]:
+    return rawhttp.serving(app, keep_alive=KEEP_ALIVE)
 
 
 async def connect(port: int) -> trio.SocketStream:
