@@ -88,7 +88,11 @@ async def run_demo(
             conversation_id = await store.create_conversation(user, "Demo conversation")
         settings = dataclasses.replace(settings, database_url=db)
 
+        connected = trio.Event()
+
         async def extra(bus: Bus) -> None:
+            await bus.wait_connected()
+            connected.set()
             await simulate(bus, conversation_id)
 
         async with trio.open_nursery() as nursery:
@@ -101,6 +105,9 @@ async def run_demo(
                     task_status=task_status,
                 )
             )
+            # The URL is printed once NATS is there: a viewer opened at once gets `:ok`,
+            # not "NATS not available" while the embedded server is still connecting.
+            await connected.wait()
             if print_url:
                 url = binds[0].rstrip("/") + "/"
                 print(f"chatwatch demo: open {url} (conversation {conversation_id})", flush=True)

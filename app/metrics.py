@@ -162,6 +162,15 @@ class _HubCollector(Collector):
         yield GaugeMetricFamily(
             "chatwatch_workers", "Worker processes counted in these numbers", value=s.workers
         )
+        # Which worker answered: the others' numbers reach it through snapshots written
+        # once a second, so a scrape right after a change may lag by that much.
+        answered = GaugeMetricFamily(
+            "chatwatch_worker",
+            "The worker process that answered this scrape (0: a single process)",
+            labels=["worker"],
+        )
+        answered.add_metric([str(self._worker)], 1.0)
+        yield answered
         yield GaugeMetricFamily(
             "chatwatch_trio_tasks", "Live trio tasks (leak detection)", value=_count_tasks()
         )

@@ -29,7 +29,7 @@ from tests.natsproc import NatsProcess
 from tests.ports import closed_port, free_port
 from tests.procfs import children_of, is_running
 from tests.served import wait_listening
-from tests.sseclient import get, request
+from tests.sseclient import Response, get, request
 from tests.streams import parse, watch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -630,6 +630,7 @@ async def test_serve_with_an_unsupported_database_url_fails_cleanly(
 
 
 async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    response: Response | None = None
     proc = await trio.lowlevel.open_process(
         chatwatch("demo", "--bind", "127.0.0.1:0"),
         stdout=subprocess.PIPE,
@@ -678,9 +679,10 @@ async def test_demo_serves_a_logged_in_viewer_and_exits_0_on_sigterm(tmp_path: P
             rest = await response.frames_until()
             assert await proc.wait() == 0
         assert b"retry: 1000" in rest
-        await response.aclose()
         await wait_until(lambda: not any(is_running(c) for c in children))
     finally:
+        if response is not None:
+            await response.aclose()  # also when an assertion failed: no socket leaks on
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -89,22 +90,23 @@ async def test_metrics_are_the_sum_over_workers_whichever_answers(
                     streams.append(s)
                     await until_ok(s)
 
-                async def all_counted() -> bool:
-                    # Each worker sees the other's numbers within a snapshot period.
-                    texts = [await metrics(srv.port) for _ in range(6)]
-                    return all(
+                # The worker that answers each scrape is whichever accepts it; poll
+                # until both have answered with the sum. Each has fewer than 12 of the
+                # streams of its own (or none), so only the sum shows 12; the other's
+                # numbers reach a worker within a snapshot period (1 s).
+                latest: dict[str, str] = {}
+
+                async def both_sum() -> bool:
+                    text = await metrics(srv.port)
+                    found = re.search(r'^chatwatch_worker\{worker="(\d+)"\} 1\.0$', text, re.M)
+                    assert found, text
+                    latest[found[1]] = text
+                    return sorted(latest) == ["1", "2"] and all(
                         "chatwatch_watchers 12.0" in t and "chatwatch_workers 2.0" in t
-                        for t in texts
+                        for t in latest.values()
                     )
 
-                await poll_until(all_counted, limit=30)
-                answers = [await metrics(srv.port) for _ in range(20)]
-            # Each worker answers for both; without the sum a scrape shows one worker's
-            # share (its own watchers only) about half the time. A rare answer from a
-            # snapshot being replaced is tolerated (seen once in a fresh-clone run;
-            # not explained yet: see the closing note).
-            summed = sum("chatwatch_watchers 12.0" in text for text in answers)
-            assert summed >= 18, [t for t in answers if "chatwatch_watchers 12.0" not in t][:1]
+                await poll_until(both_sum, limit=30)
         finally:
             for s in streams:
                 await s.aclose()
