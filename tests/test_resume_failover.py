@@ -10,6 +10,7 @@ missed must come from the stream.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tests.polling import poll_until
 from tests.resumeclient import Watcher
 from tests.served import served
 from tests.sseclient import get
-from tests.streams import has_metric
+from tests.streams import metrics
 
 STREAM = "CHAT"
 WATCHERS = 5
@@ -144,7 +145,12 @@ async def test_open_streams_survive_the_failover_of_their_nats_server(
             # the one left, on a surviving node.
             await poll_until(cluster.one_client, 15.0)
             # The failover did leave a gap, and the stream filled it.
-            assert await has_metric(svc.port, "chatwatch_gaps_filled_total 1.0")
+            # At least once: the disconnect's hold and a per-subject gap seen after the
+            # reconnect may each fetch part of what was missed (seen: 2 on a loaded CI).
+            text = await metrics(svc.port)
+            filled = re.search(r"^chatwatch_gaps_filled_total (\S+)$", text, re.M)
+            assert filled is not None, text
+            assert float(filled[1]) >= 1.0
     assert kept == TOTAL  # JetStream kept every event: what follows is chatwatch's
     assert ended == []  # no stream ended: no client had to reconnect
     for w in watchers:
