@@ -780,6 +780,11 @@ async def run(cfg: Config, rep: Report, tmp: Path) -> None:
         "100000",
         "--log-level",
         "info",
+        # Phases 1-3 check the core NATS path (subscriptions on chat.*.{id}, frames
+        # without ids); nats-server here has JetStream, so `auto` would turn history
+        # on. Phase 4 runs its own instances with history on.
+        "--history",
+        "off",
     ]
     say(f"service log: {log_path}")
     proc = spawn(cmd, log_path)
