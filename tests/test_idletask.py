@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from hypercorn.trio import tcp_server
 
 from app import idletask
@@ -39,7 +40,11 @@ def timer(request: pytest.FixtureRequest) -> Iterator[str]:
 
 class App:
     """``GET /slow``: answers after `hold` seconds (longer than the keep-alive timeout);
-    anything else at once. Both with a content length: the connection stays open."""
+    anything else at once. Both with a content length: the connection stays open.
+
+    The timer tests run on trio's autojump MockClock: every wait here (the app's
+    `hold`, the client's pause, hypercorn's keep-alive timeout) is virtual time, so
+    they take no wall-clock time and a loaded machine cannot stretch them."""
 
     def __init__(self, hold: float = 0.0) -> None:
         self.hold = hold
@@ -109,20 +114,26 @@ def test_install_refuses_code_it_does_not_know(monkeypatch: pytest.MonkeyPatch) 
     assert in_use() is not idletask.IdleTask
 
 
-async def test_a_connection_that_sends_nothing_is_closed_after_the_timeout(timer: str) -> None:
+async def test_a_connection_that_sends_nothing_is_closed_after_the_timeout(
+    timer: str, autojump_clock: trio.testing.MockClock
+) -> None:
     async with serving(App()) as port, await connect(port) as stream:
         started = trio.current_time()
         assert await read_until_closed(stream) == b""
         assert trio.current_time() - started >= KEEP_ALIVE * 0.9
 
 
-async def test_a_request_in_progress_is_never_cut_by_the_timer(timer: str) -> None:
+async def test_a_request_in_progress_is_never_cut_by_the_timer(
+    timer: str, autojump_clock: trio.testing.MockClock
+) -> None:
     async with serving(App(hold=KEEP_ALIVE * 4)) as port, await connect(port) as stream:
         await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
         assert (await read_response(stream)).startswith(b"HTTP/1.1 200")
 
 
-async def test_the_timer_restarts_between_requests(timer: str) -> None:
+async def test_the_timer_restarts_between_requests(
+    timer: str, autojump_clock: trio.testing.MockClock
+) -> None:
     """Two requests on one connection, the second after most of a timeout, then the
     close one timeout after the last answer: each answer restarted the timer."""
     async with serving(App()) as port, await connect(port) as stream:
