@@ -110,10 +110,27 @@ class WatchBody(ResponseBody):
         # cost of a disconnect went here).
         if nursery.child_tasks:
             nursery.cancel_scope.cancel()
+        single: BaseException | None = None
         try:
             await admission.__aexit__(exc_type, exc_value, tb)
+        except BaseExceptionGroup as group:
+            single = unwrap_single(group)
         finally:
-            del exc_value, tb  # see __aexit__: no frame keeps the exception it passes on
+            # No local may still name the exception that came in when `single` (often
+            # that very Cancelled) is raised from this frame: the frame joins its
+            # traceback, and the cycle would hold the whole connection (request,
+            # hypercorn's objects, trio's tasks) until a full garbage collection. Under
+            # churn those collections stalled the process for up to 1.8 s
+            # (tests/test_garbage.py).
+            del exc_value, tb
+        if single is None:
+            return
+        # Raised outside the `except`: raising inside it would link the exception to
+        # the group that contains it (the same kind of cycle).
+        try:
+            raise single
+        finally:
+            del single
 
     def _release(self) -> None:
         if self._joined and self._watcher is not None:
@@ -128,42 +145,11 @@ class WatchBody(ResponseBody):
         exc_value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        single: BaseException | None = None
         try:
             await self._end_admission(exc_type, exc_value, tb)
-        except BaseExceptionGroup as group:
-            single = unwrap_single(group)
         finally:
-            # No local may still name the exception that came in when `single` (often
-            # that very Cancelled) is raised from this frame: the frame joins its
-            # traceback, and the cycle would hold the whole connection (request,
-            # hypercorn's objects, trio's tasks) until a full garbage collection. Under
-            # churn those collections stalled the process for up to 1.8 s
-            # (tests/test_garbage.py).
-            del exc_value, tb
+            del exc_value, tb  # as in _end_admission: this frame names no exception
             self._release()
-        if single is None:
-            return
-        # Raised outside the `except`: raising inside it would link the exception to
-        # the group that contains it (the same kind of cycle).
-        try:
-            raise single
-        finally:
-            del single
-
-    async def _admitted(self) -> None:
-        """The admission is over: its nursery goes now, not at the end of the stream."""
-        single: BaseException | None = None
-        try:
-            await self._end_admission(None, None, None)
-        except BaseExceptionGroup as group:
-            single = unwrap_single(group)
-        if single is None:
-            return
-        try:
-            raise single  # outside the `except`, as in `__aexit__`
-        finally:
-            del single
 
     def __aiter__(self) -> WatchBody:
         return self
@@ -173,7 +159,8 @@ class WatchBody(ResponseBody):
         if watcher is None:
             raise StopAsyncIteration
         if self._nursery is not None and not self._nursery.child_tasks:
-            await self._admitted()
+            # The admission is over: its nursery goes now, not at the end of the stream.
+            await self._end_admission(None, None, None)
         try:
             return await watcher.outbox.take(_COALESCE_BYTES)
         except (trio.EndOfChannel, trio.ClosedResourceError):
