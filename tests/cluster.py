@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -105,12 +104,6 @@ class ClusterNode(NatsProcess):
                 )
             time.sleep(0.01)
         raise RuntimeError(f"nats-server {self.name} did not start")
-
-    def pause(self) -> None:
-        """SIGSTOP: the server stops answering but its connections stay open, the way a
-        wedged host looks until it is gone."""
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGSTOP)
 
     @property
     def alive(self) -> bool:

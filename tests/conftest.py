@@ -49,9 +49,9 @@ def nats_server() -> Iterator[NatsProcess]:
 
 @pytest.fixture
 def nats(nats_server: NatsProcess) -> NatsProcess:
-    """The session's nats-server, running (a test may have killed it)."""
-    if nats_server._proc is None:
-        nats_server.start()
+    """The session's nats-server, running and answering (a test may have killed it, or
+    failed while it was paused)."""
+    nats_server.ensure_running()
     return nats_server
 
 

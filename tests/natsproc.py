@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import trio
 
 from app.embedded import nats_server_binary
+from tests.procfs import all_threads_stopped
 
 
 class NatsProcess:
@@ -31,6 +33,7 @@ class NatsProcess:
         self.client_port = -1
         self.monitor_port = -1
         self._proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
 
     @property
     def url(self) -> str:
@@ -80,7 +83,32 @@ class NatsProcess:
         except OSError:
             return False
 
+    def pause(self) -> None:
+        """SIGSTOP, returning once every thread has stopped: the server answers nothing
+        more while its connections stay open. Blocking (for as long as the kernel takes
+        to stop the threads): from trio, run it in a worker thread.
+
+        The `nats` fixture restarts a server left paused, so a test that fails before
+        its own restart cannot freeze every test after it."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+        deadline = time.monotonic() + 10
+        while not all_threads_stopped(self._proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError("nats-server did not stop on SIGSTOP")
+            time.sleep(0.001)
+
+    def ensure_running(self) -> None:
+        """Start the server if a test killed it; restart it if a test left it paused or
+        it stopped answering its monitor."""
+        if self._proc is not None and (self.paused or not self._healthy()):
+            self.kill()
+        if self._proc is None:
+            self.start()
+
     def kill(self) -> None:
+        self.paused = False
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -29,12 +28,6 @@ from tests.polling import wait_until_async
 
 SUBJECTS = [f"chat.*.0000000{i}-1111-4222-8333-944445555666" for i in range(3)]
 LATE = "chat.*.00000009-1111-4222-8333-944445555666"
-
-
-def pause(nats: NatsProcess) -> None:
-    """Freeze the server: the connection stays open, nothing is answered (no PONG)."""
-    assert nats._proc is not None
-    nats._proc.send_signal(signal.SIGSTOP)
 
 
 async def restart(nats: NatsProcess) -> None:
@@ -83,7 +76,8 @@ async def test_a_hang_up_during_a_batch_pong_wait_strands_none_of_the_others(
     async with open_bus([nats.url]) as bus:
         with trio.fail_after(10):
             await bus.wait_connected()
-        pause(nats)
+        # The connection stays open, nothing is answered (no PONG).
+        await trio.to_thread.run_sync(nats.pause)
         batches = bus.batches
         inboxes = [Inbox() for _ in SUBJECTS]
         scopes = [trio.CancelScope() for _ in SUBJECTS]

@@ -75,6 +75,19 @@ async def test_the_monitor_refuses_to_block_the_trio_thread(nats: NatsProcess) -
     assert isinstance(await nats.chat_subscriptions_async(), list)
 
 
+def test_a_server_left_paused_is_restarted_for_the_next_test(nats_server: NatsProcess) -> None:
+    # A test that fails between pausing the session's server and restarting it must not
+    # leave it frozen: every later test would time out on it (CI once failed 115 tests
+    # that way, from one failure in test_bus).
+    nats_server.ensure_running()
+    nats_server.pause()
+    assert not nats_server._healthy()
+    nats_server.ensure_running()
+    assert not nats_server.paused
+    assert nats_server._healthy()
+    assert nats_server.monitor("/varz")["port"] == nats_server.client_port
+
+
 async def test_wait_until_runs_its_predicate_off_the_trio_thread() -> None:
     on_trio_thread: list[bool] = []
 

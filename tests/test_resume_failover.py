@@ -121,7 +121,7 @@ async def test_open_streams_survive_the_failover_of_their_nats_server(
                     # stream stores the burst and republishes it towards the frozen
                     # server, where it dies with it: the service's live path misses
                     # all of it, every time, however fast it reconnects.
-                    victim.pause()
+                    await trio.to_thread.run_sync(victim.pause)
                     await poll_until(lambda: stored(published), 15.0)
                     victim.kill()  # SIGKILL; blocking only for the kill and the reap
 
