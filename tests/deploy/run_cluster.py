@@ -57,6 +57,7 @@ from tests.ports import free_port  # ruff: ignore[module-import-not-at-top-of-fi
 from tests.rawnats import RawNats  # ruff: ignore[module-import-not-at-top-of-file]
 
 DIAG_PORTS: list[int] = []
+DIAG_NATS_PORT: list[int] = []  # a node the diagnostics ask the stream through
 NGINX_TEMPLATE = ROOT / "docs" / "deploy" / "nginx.conf"
 CONVERSATIONS = 8
 SETTLE_LIMIT = 30.0
@@ -281,6 +282,44 @@ def tally(clients: list[Client], pub: Publisher, since: dict[int, int]) -> tuple
     return delivered, lost, dup
 
 
+def missing_detail(clients: list[Client], pub: Publisher, since: dict[int, int]) -> list[str]:
+    """Which numbers each client lacks, as ranges: the same holes in every client of a
+    conversation point at the producer's path, holes in some at an instance's."""
+    out = []
+    for i, c in enumerate(clients):
+        seen = c.numbers[since.get(i, 0) :]
+        if not seen:
+            continue
+        lacking = sorted(set(range(seen[0], pub.published[c.cid])) - set(seen))
+        if lacking:
+            spans: list[list[int]] = []
+            for n in lacking:
+                if spans and spans[-1][1] == n - 1:
+                    spans[-1][1] = n
+                else:
+                    spans.append([n, n])
+            out.append(f"{i} {c.cid[:8]} " + ",".join(f"{a}-{b}" for a, b in spans[:6]))
+    return out[:16]
+
+
+async def stream_counts(rep: Report, name: str, pub: Publisher) -> None:
+    """The history stream's count per conversation against what was published (all
+    of the run): fewer stored than published means the producer's path lost them."""
+    try:
+        with trio.fail_after(10):
+            js = await JsClient.open(DIAG_NATS_PORT[0])
+            try:
+                counts = {
+                    cid[:8]: (await js.stream_subject_count("CHAT", f"chat.chunk.{cid}"), n)
+                    for cid, n in pub.published.items()
+                }
+            finally:
+                await js.aclose()
+        rep.info(name, "stream stored vs published (conv: stored, published)", counts)
+    except Exception as exc:  # diagnostics only
+        rep.info(name, "stream stored vs published", repr(exc))
+
+
 async def phase(
     rep: Report,
     name: str,
@@ -307,6 +346,8 @@ async def phase(
                  if c.numbers and c.numbers[-1] < pub.published[c.cid] - 1][:5]  # fmt: skip
         rep.info(name, "error frames seen", finals)
         rep.info(name, "clients behind (conv, got, last, published)", short)
+        rep.info(name, "missing (client, conv, numbers)", missing_detail(clients, pub, since))
+        await stream_counts(rep, name, pub)
         for port in DIAG_PORTS:
             try:
                 with trio.fail_after(5):
@@ -397,6 +438,7 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
         await sessions_phase(rep, instances, lb_port, db, user, cids[0])
 
         conn = await RawNats.connect(cluster.nodes[0].client_port, headers=True)
+        DIAG_NATS_PORT[:] = [cluster.nodes[0].client_port]
         pub = Publisher(conn, cids, args.rate)
         clients = [Client(cids[i % CONVERSATIONS], token) for i in range(args.watchers)]
         stop = trio.Event()
