@@ -461,11 +461,22 @@ async def run(args: argparse.Namespace, rep: Report, tmp: Path, cluster: Cluster
                 # A node some instances are connected to, but neither the publisher's
                 # nor the stream leader's (moved away first): core NATS failover.
                 victim = cluster.nodes[1]
-                js = await JsClient.open(cluster.nodes[0].client_port)
-                if await cluster.stream_leader("CHAT") == victim.name:
-                    await js.step_down("CHAT")
+                moved = await cluster.stream_leader("CHAT") == victim.name
+                rep.info("2 NATS node killed", "leader moved off the victim first", moved)
+                if moved:
+                    # Plain publishes while the stream elects its next leader are not
+                    # stored, so never delivered (the producer's path; README: limits):
+                    # in that window the producer publishes with acknowledgement, as in
+                    # 2b. A run once counted 2 such events lost by all 48 clients.
+                    pub.acked = True
+                    js = await JsClient.open(cluster.nodes[0].client_port)
+                    try:
+                        await js.step_down("CHAT")
+                    finally:
+                        await js.aclose()
                     await wait_leader_not(cluster, victim.name)
-                await js.aclose()
+                    await traffic()
+                    pub.acked = False
                 await traffic()
                 victim.kill()
                 await while_down()
