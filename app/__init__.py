@@ -8,7 +8,7 @@
 #   http, watch, metrics, listen           Quart-Trio routes; the per-watcher response
 #                                          body; Prometheus; the listening socket
 #   bus, store                             the NATS connection; sessions and ownership
-#   subscriptions                          SUB/UNSUB batches, one PING each
+#   subscriptions                          SUB batches, one PING each; UNSUBs at once
 #   natsborder                             every use of nats-py's private API
 #   hub                                    fan-out: one subscription per conversation
 #   sse, events, ids, auth, openapi        pure: framing, parsing, validation, docs

@@ -17,7 +17,13 @@ same work with:
   sent (the body alone is drained);
 - the response head for a bodiless-length response (no Content-Length: the SSE
   stream) built once and shared, since hypercorn keeps the start message for the
-  life of the stream.
+  life of the stream;
+- a streamed body with a synchronous ``disconnected()`` method (`Disconnectable`)
+  is told by the message reader in the step that reads the client's disconnect, right
+  after cancelling the request: what it owes others (the hub's `leave`, and with the
+  last watcher the conversation's UNSUB) is not held back by the scheduler pass it
+  takes the cancellation to reach the body, a pass that lasts hundreds of
+  milliseconds when thousands of streams close at once (docs/findings.md).
 
 Why a subclass checked against source hashes: the methods it replaces are
 quart-trio's and quart's own code, and their semantics (timeouts, which message ends
@@ -33,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
@@ -75,6 +81,13 @@ EXPECTED_SOURCE_SHA256: dict[str, str] = {
 # a sized one varies with every body), and no more than this many distinct ones.
 _HEADS_MAX = 32
 _heads: dict[tuple[int, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
+
+
+class Disconnectable(Protocol):
+    """A response body told at once when its client disconnects (see the docstring)."""
+
+    def disconnected(self) -> None:
+        """Sync; called once the request is cancelled, before the body sees it."""
 
 
 def upstream_methods() -> dict[str, Callable[..., object]]:
@@ -124,6 +137,9 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
     """`TrioASGIHTTPConnection` with one task and no request or response kept for
     the length of a streamed body (see the module docstring)."""
 
+    # The streamed body to tell of a disconnect (set per instance, for those only).
+    _told: Disconnectable | None = None
+
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         # One coroutine for what upstream splits over four (quart's `_send_response`
         # too): each suspended one is a frame that an idle stream keeps.
@@ -139,6 +155,9 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
                 timeout = self.app.config["RESPONSE_TIMEOUT"]
             head = start_message(response)
             body: Iterable[Any] | ResponseBody = response.response
+            if hasattr(body, "disconnected"):
+                # The body alone (no bound method kept per stream), for the reader.
+                self._told = cast(Disconnectable, body)
             sized = isinstance(response, WerkzeugResponse)
             del response  # the head is built: only the body is needed from here on
             deadline = trio.move_on_after(timeout) if timeout is not None else nullcontext()
@@ -176,3 +195,5 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
             elif message["type"] == "http.disconnect":
                 break
         scope.cancel()
+        if self._told is not None:
+            self._told.disconnected()

@@ -11,7 +11,7 @@ whose PONG future we create and only *watch* from trio (`Bus.await_pong`); a wai
 that goes away just stops watching. A watchdog reconnects if the read task dies anyway.
 
 Roles: this module (connection, status, watchdog, the public `Bus`); `subscriptions`
-(SUB/UNSUB batches); `natsborder` (every use of nats-py's private API); `publish`
+(SUB batches, synchronous UNSUBs); `natsborder` (every use of nats-py's private API); `publish`
 (the one-shot publisher of ``chatwatch publish``). Those four are the only importers
 of nats and trio_asyncio.
 """
@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from app import natsborder
 from app.errors import BusUnavailable
 from app.natsborder import Handler
-from app.subscriptions import SubscriptionManager
+from app.subscriptions import Release, SubscriptionManager
 
 log = logging.getLogger("chatwatch.nats")
 
@@ -121,8 +121,13 @@ class Bus:
 
     @property
     def batches(self) -> int:
-        """SUB/UNSUB batches handed to nats-py so far."""
+        """SUB batches handed to nats-py so far."""
         return self._subscriptions.batches
+
+    @property
+    def unsubscribes(self) -> int:
+        """UNSUBs handed to nats-py so far (each written in the step that left)."""
+        return self._subscriptions.unsubscribes
 
     # -- state ---------------------------------------------------------------
 
@@ -306,21 +311,23 @@ class Bus:
     # -- operations ----------------------------------------------------------
 
     @asynccontextmanager
-    async def subscription(self, subject: str, handler: Handler) -> AsyncGenerator[None, None]:
+    async def subscription(self, subject: str, handler: Handler) -> AsyncGenerator[Release, None]:
         """Subscribe `handler` to `subject`; entered once the server confirmed the SUB.
 
         ``handler(subject, payload, headers)`` runs synchronously for each message, in
         order (``headers``: nats-py's ``msg.headers``, a dict or None). Waits for a
-        connection if there is none. Leaving (normally or cancelled, even
-        mid-subscribe) is synchronous: the subscription is handed to the bus's own
-        task, which removes it. No deadline can skip an UNSUB.
+        connection if there is none. Leaving (normally or cancelled) is synchronous:
+        the UNSUB is written in that step; one left mid-subscribe is unsubscribed by
+        the bus's own task as soon as its SUB went out. No deadline can skip an UNSUB.
+        What it yields ends the subscription the same way, earlier (sync,
+        idempotent): for an owner that knows it is done before its task unwinds.
 
         Raises:
             BusUnavailable: NATS did not take the subscription in time.
             nats.errors.Error: nats-py refused it (e.g. a bad subject).
         """
-        async with self._subscriptions.subscription(subject, handler):
-            yield
+        async with self._subscriptions.subscription(subject, handler) as release:
+            yield release
 
     async def publish(self, subject: str, payload: bytes) -> None:
         await self.wait_connected()

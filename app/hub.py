@@ -73,7 +73,9 @@ class BusLike(Protocol):
 
     def subscription(
         self, subject: str, handler: MessageHandler
-    ) -> AbstractAsyncContextManager[None]: ...
+    ) -> AbstractAsyncContextManager[Callable[[], None]]:
+        """Entered once subscribed; yields a sync, idempotent early end (`leave`)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,7 @@ class Topic:
         "last_on",
         "live",
         "members",
+        "release",
         "replaying",
         "scope",
         "wake",
@@ -178,6 +181,10 @@ class Topic:
         # Cancelled by the last watcher's `leave`, even mid-subscribe: the bus removes
         # the subscription under a shield, and never cancels a pending flush.
         self.scope = trio.CancelScope()
+        # Set once subscribed: ends the subscription at once (sync, idempotent). The
+        # last watcher's `leave` calls it, so the UNSUB goes out in that very step
+        # instead of after the topic's task has unwound (a scheduler pass later).
+        self.release: Callable[[], None] | None = None
         self.active = False
         self.failed = False
 
@@ -558,6 +565,9 @@ class Hub:
         if not topic.members:
             if self._topics.get(topic.conversation_id) is topic:
                 del self._topics[topic.conversation_id]
+            release, topic.release = topic.release, None
+            if release is not None:
+                release()
             topic.scope.cancel()
 
     def _detach(self, w: Watcher) -> None:
@@ -807,12 +817,18 @@ class Hub:
                 # its watchers are told and their streams end; the next watcher retries.
                 log.exception("subscription for conversation %s failed", cid)
                 self._fail_topic(topic)
+            finally:
+                # The release refers to the subscription, whose handler refers to the
+                # topic: dropped here, so that no cycle outlives the task.
+                topic.release = None
 
     async def _run_core_topic(self, topic: Topic) -> None:
         def handler(subject: str, payload: bytes, headers: object) -> None:
             self._deliver(topic, subject, payload, headers)
 
-        async with self._bus.subscription(ids.watch_subject(topic.conversation_id), handler):
+        subject = ids.watch_subject(topic.conversation_id)
+        async with self._bus.subscription(subject, handler) as release:
+            topic.release = release
             topic.live.set()
             await trio.sleep_forever()
 
@@ -825,7 +841,8 @@ class Hub:
         # Hold live events until the position is known: those at or below it are
         # dropped, the rest fanned out in order.
         topic.held = []
-        async with self._bus.subscription(history.live_subject(cid), live):
+        async with self._bus.subscription(history.live_subject(cid), live) as release:
+            topic.release = release
             await self._start_position(topic, history)
             self._release_held(topic)
             topic.live.set()

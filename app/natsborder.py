@@ -12,7 +12,12 @@ What the private API buys (public nats-py has no way to do these):
   to the transport, overtaking SUBs still in its pending buffer), with a PONG future
   that we own and never cancel (nats-py 2.16 kills its read loop when a pending
   ``flush()`` future is cancelled);
-- a watchdog that notices the read loop died and forces a reconnect.
+- a watchdog that notices the read loop died and forces a reconnect;
+- an UNSUB written synchronously, from the trio side, in the step that ends a
+  subscription: nats-py's ``unsubscribe()`` is a coroutine whose UNSUB waits for its
+  flusher task, and every asyncio step costs a full trio scheduler pass here
+  (trio-asyncio runs one asyncio callback per checkpoint): passes that 5000 closing
+  streams make last hundreds of milliseconds (docs/findings.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import DEFAULT_FLUSH_TIMEOUT, Client
 from nats.aio.subscription import Subscription
+from nats.protocol import command as prot_command
 
 # drain()'s last step is a flush() with nats-py's default timeout (no parameter).
 FINAL_FLUSH_TIMEOUT: float = DEFAULT_FLUSH_TIMEOUT
@@ -40,10 +46,15 @@ CLIENT_ATTRIBUTES = (
     "_reading_task",  # the read loop, watched
     "_process_op_err",  # the reconnect path nats-py takes on a socket error
     "_subs",  # sid -> Subscription, replayed on reconnect
+    "_remove_sub",  # takes a sid out of that table
 )
 SUBSCRIPTION_ATTRIBUTES = (
     "_pending_queue",  # the read loop calls its put_nowait(msg)
     "_pending_size",  # the read loop adds len(msg.data) to it
+    "_id",  # the sid an UNSUB names
+    "_closed",  # set by unsubscribe(); a second one raises
+    "_max_msgs",  # 0: no auto-unsubscribe count
+    "_stop_processing",  # ends a callback subscription's task (none here; as nats-py)
 )
 
 
@@ -99,6 +110,48 @@ def deliver_inline(sub: Any, handler: Handler, report: ErrorReporter) -> None:
     sub._pending_queue = _DirectDelivery(sub, handler, report)
 
 
+def _write_pending(nc: Any) -> None:
+    """Write nats-py's queued commands now, in order, as its flusher task would."""
+    if nc._pending_data_size > 0:
+        nc._transport.writelines(nc._pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0
+
+
+def unsubscribe_now(nc: Any, sub: Any) -> None:
+    """Synchronously what ``await sub.unsubscribe()`` does, the UNSUB written at once.
+
+    nats-py 2.16's ``Subscription.unsubscribe`` (limit 0): refuse on a closed or
+    draining client or a closed subscription; mark it closed, stop its processing,
+    drop it from the client's table (so a reconnect does not replay it); unless the
+    client is reconnecting (the server forgot the subscription with the old
+    connection), queue ``UNSUB <sid>`` behind what is pending. Then, connected, the
+    pending commands are written now, in order, exactly as `ping_after_pending` does:
+    the UNSUB can never overtake its own SUB. Not connected, it stays queued, as
+    nats-py leaves it.
+
+    Raises:
+        nats.errors.Error: as nats-py's ``unsubscribe`` would.
+    """
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining:
+        raise nats.errors.ConnectionDrainingError
+    if sub._closed:
+        raise nats.errors.BadSubscriptionError
+    sub._max_msgs = 0
+    sub._closed = True
+    sub._stop_processing()
+    nc._remove_sub(sub._id)
+    if nc.is_reconnecting:
+        return
+    cmd = prot_command.unsub_cmd(sub._id, 0)
+    nc._pending.append(cmd)
+    nc._pending_data_size += len(cmd)
+    if nc.is_connected:
+        _write_pending(nc)
+
+
 async def ping_after_pending(nc: Any, loop: Any) -> asyncio.Future[Any]:
     """Asyncio side: send a PING behind everything queued; return its PONG future.
 
@@ -110,10 +163,7 @@ async def ping_after_pending(nc: Any, loop: Any) -> asyncio.Future[Any]:
     """
     pong: asyncio.Future[Any] = loop.create_future()
     if nc.is_connected:
-        if nc._pending_data_size > 0:
-            nc._transport.writelines(nc._pending[:])
-            nc._pending = []
-            nc._pending_data_size = 0
+        _write_pending(nc)
         await nc._send_ping(pong)
     return pong
 

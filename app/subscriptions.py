@@ -1,19 +1,28 @@
-"""SUB/UNSUB through one bus-owned task, in batches, each confirmed by one PING.
+"""SUBs through one bus-owned task, in batches, each confirmed by one PING; UNSUBs at once.
 
-Batching turns a thousand arrivals (or departures) into one bridge call and one
-PING instead of a thousand of each. A batch runs as one asyncio task that nothing
-ever cancels: a batch cut half-way would lose UNSUBs (subscriptions left on the
-server) or leave a SUB in nats-py's table (replayed on every reconnect) with no
-handle to remove it. A batch that overruns its deadline fails its SUB requests at
-once (their watchers are told); when it does finish, whatever it subscribed for
-them is unsubscribed again.
+Batching turns a thousand arrivals into one bridge call and one PING instead of a
+thousand of each. A batch runs as one asyncio task that nothing ever cancels: a batch
+cut half-way would leave a SUB in nats-py's table (replayed on every reconnect) with
+no handle to remove it. A batch that overruns its deadline fails its SUB requests at
+once (their watchers are told); when it does finish, whatever it subscribed for them
+is unsubscribed again.
+
+An UNSUB needs no confirmation and no task: leaving a subscription writes it
+synchronously (`natsborder.unsubscribe_now`), in the step that leaves, behind the
+subscription's own SUB. It used to be queued for the batch task; when 5000 streams
+close at once every trio scheduler pass lasts hundreds of milliseconds, and the hops
+that queue took (the topic's task unwinding, the batch task waking, the asyncio task
+starting, nats-py's flusher waking) cost a pass each: the server saw the last UNSUB
+seconds after the last client left (docs/findings.md, "Subscriptions gone after
+close"). Nothing can cut a synchronous UNSUB half-way, and a subscription whose SUB
+is still in a batch is unsubscribed by the batch task when that batch ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, Protocol
 
@@ -29,6 +38,9 @@ log = logging.getLogger("chatwatch.nats")
 # How long watchers wait for nats-py to take a batch before their subscriptions
 # fail; nats-py blocks here only if its write queue is stuck.
 _APPLY_DEADLINE = 10.0
+
+# Ends a subscription at once (sync, idempotent): what `subscription` yields.
+Release = Callable[[], None]
 
 
 class Link(Protocol):
@@ -81,16 +93,16 @@ class SubscriptionManager:
     def __init__(self, link: Link) -> None:
         self._link = link
         self._pending_subs: list[_SubRequest] = []
-        self._pending_unsubs: list[Any] = []
         self._work = trio.Event()
-        self.batches = 0  # batches handed to nats-py (for tests and debugging)
+        self.batches = 0  # SUB batches handed to nats-py (for tests and debugging)
+        self.unsubscribes = 0  # UNSUBs handed to nats-py (for tests and debugging)
 
     def wake(self) -> None:
         """Look at the queues again (the connection came up)."""
         self._work.set()
 
     @asynccontextmanager
-    async def subscription(self, subject: str, handler: Handler) -> AsyncGenerator[None, None]:
+    async def subscription(self, subject: str, handler: Handler) -> AsyncGenerator[Release, None]:
         """See `bus.Bus.subscription`."""
         req = _SubRequest(subject, handler)
         self._pending_subs.append(req)
@@ -100,47 +112,48 @@ class SubscriptionManager:
             if req.error is not None:
                 raise req.error
             await self._link.await_pong(req.pong, req.epoch)
-            yield
+            yield lambda: self._leave(req)
         finally:
-            req.cancelled = True
-            self._release(req)
+            self._leave(req)
+
+    def _leave(self, req: _SubRequest) -> None:
+        req.cancelled = True
+        self._release(req)
 
     def _release(self, req: _SubRequest) -> None:
         if req.sub is not None and not req.released:
             req.released = True
-            self._pending_unsubs.append(req.sub)
-            self._work.set()
+            self.unsubscribes += 1
+            try:
+                natsborder.unsubscribe_now(self._link.nc, req.sub)
+            except nats.errors.Error as exc:
+                # Closed or draining (drain unsubscribes everything itself).
+                log.info("unsubscribe %s: %s", req.subject, exc)
 
     async def run(self) -> NoReturn:
-        """The one task that talks SUB/UNSUB to nats-py."""
+        """The one task that sends SUBs to nats-py."""
         while True:
             await self._work.wait()
             self._work = trio.Event()
-            unsubs, self._pending_unsubs = self._pending_unsubs, []
             pending = [r for r in self._pending_subs if not r.cancelled]
             if self._link.connected:
                 subs, self._pending_subs = pending, []
             else:
                 subs, self._pending_subs = [], pending
-            if subs or unsubs:
+            if subs:
                 self.batches += 1
-                await self._run_batch(subs, unsubs)
+                await self._run_batch(subs)
 
-    async def _run_batch(self, subs: list[_SubRequest], unsubs: list[Any]) -> None:
+    async def _run_batch(self, subs: list[_SubRequest]) -> None:
         # Not awaited through aio_as_trio, which would cancel it with us; the loop
         # owns it, and we wait for its end (unshielded: shutdown is never held).
-        task = asyncio.ensure_future(self._apply(subs, unsubs), loop=self._link.loop)
+        task = asyncio.ensure_future(self._apply(subs), loop=self._link.loop)
         finished = trio.Event()
         task.add_done_callback(lambda _t: finished.set())
         with trio.move_on_after(_APPLY_DEADLINE) as late:
             await finished.wait()
         if late.cancelled_caught:
-            log.error(
-                "nats-py did not take %d SUB / %d UNSUB within %.0f s",
-                len(subs),
-                len(unsubs),
-                _APPLY_DEADLINE,
-            )
+            log.error("nats-py did not take %d SUB within %.0f s", len(subs), _APPLY_DEADLINE)
             for req in subs:
                 if req.error is None:
                     req.error = BusUnavailable("NATS did not take the subscription")
@@ -152,7 +165,7 @@ class SubscriptionManager:
         if task.cancelled():
             failure = BusUnavailable("NATS subscription batch cancelled")
         elif (exc := task.exception()) is not None:
-            log.error("SUB/UNSUB batch failed", exc_info=exc)
+            log.error("SUB batch failed", exc_info=exc)
             failure = BusUnavailable(f"NATS subscription failed: {exc}")
         else:
             pong, epoch = task.result()
@@ -164,16 +177,9 @@ class SubscriptionManager:
             if req.cancelled or req.error is not None:
                 self._release(req)
 
-    async def _apply(self, subs: list[_SubRequest], unsubs: list[Any]) -> tuple[Any, int]:
-        """Asyncio side: UNSUBs, SUBs, then one PING; its PONG future and the epoch."""
+    async def _apply(self, subs: list[_SubRequest]) -> tuple[Any, int]:
+        """Asyncio side: SUBs, then one PING; its PONG future and the epoch."""
         nc = self._link.nc
-        for sub in unsubs:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.info("unsubscribe %s: %s", sub.subject, exc)
-        if not subs:
-            return None, 0
         for req in subs:
             try:
                 req.sub = await nc.subscribe(req.subject)

@@ -132,6 +132,16 @@ class WatchBody(ResponseBody):
         finally:
             del single
 
+    def disconnected(self) -> None:
+        """The client went away (sync; `asgiconn.Disconnectable`): leave the hub now.
+
+        Called by the connection's message reader in the step that reads the
+        disconnect, after it cancelled the request: the last watcher of a conversation
+        ends its subscription (UNSUB written) here, not a scheduler pass later when
+        the cancellation reaches `__aexit__` (which then finds nothing left to do).
+        """
+        self._release()
+
     def _release(self) -> None:
         if self._joined and self._watcher is not None:
             self._joined = False

@@ -39,7 +39,9 @@ class FakeBus:
             await self._changed.wait()
 
     @asynccontextmanager
-    async def subscription(self, subject: str, handler: Handler) -> AsyncGenerator[None, None]:
+    async def subscription(
+        self, subject: str, handler: Handler
+    ) -> AsyncGenerator[Callable[[], None], None]:
         self.subscribe_calls += 1
         while not self.connected:
             await self._changed.wait()
@@ -47,11 +49,22 @@ class FakeBus:
         if self.fail_with is not None:
             raise self.fail_with
         self.handlers[subject] = handler
-        try:
-            yield
-        finally:
-            del self.handlers[subject]
+        released = False
+
+        def release() -> None:
+            # Sync and idempotent, like the real bus's: the UNSUB in the leaving step.
+            nonlocal released
+            if released:
+                return
+            released = True
+            if self.handlers.get(subject) is handler:
+                del self.handlers[subject]
             self.unsubscribe_calls += 1
+
+        try:
+            yield release
+        finally:
+            release()
 
     def deliver(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         conversation_id = subject.rsplit(".", 1)[1]

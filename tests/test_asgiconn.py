@@ -58,6 +58,10 @@ class _Body(ResponseBody):
     async def __aexit__(self, *exc: object) -> None:
         self.state["exited"] = True
 
+    def disconnected(self) -> None:
+        # Whether the body was told before the cancellation reached it.
+        self.state["told_first"] = "cancelled" not in self.state
+
     def __aiter__(self) -> _Body:
         return self
 
@@ -129,6 +133,9 @@ async def test_a_disconnect_cancels_the_body() -> None:
     with trio.fail_after(10):
         await _disconnects(app, state)
     assert state["cancelled"]
+    # A body that can be told (the SSE stream's) is told in the reader's step, before
+    # the cancellation reaches it a scheduler pass later.
+    assert state["told_first"] is True
 
 
 async def _disconnects(app: QuartTrio, state: dict[str, Any]) -> None:

@@ -12,13 +12,13 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
-from nats.aio.subscription import Subscription
 
 from app import bus as bus_module, natsborder, subscriptions
 from app.bus import Bus, RetryLog, open_bus
@@ -137,10 +137,12 @@ async def expect_failure(bus: Bus, done: trio.Event) -> None:
     done.set()
 
 
-async def test_unsubs_of_a_batch_that_overruns_its_deadline_are_all_sent(
+async def test_unsubs_go_out_while_a_sub_batch_is_stuck(
     nats: NatsProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(subscriptions, "_APPLY_DEADLINE", 0.2)
+    # Longer than the test's own limit: an UNSUB that waited for the stuck batch (as
+    # when UNSUBs were batched too) would not reach the server before the test fails.
+    monkeypatch.setattr(subscriptions, "_APPLY_DEADLINE", 60.0)
     async with open_bus([nats.url]) as bus:
         scopes = [trio.CancelScope() for _ in SUBJECTS]
         live = [trio.Event() for _ in SUBJECTS]
@@ -151,17 +153,47 @@ async def test_unsubs_of_a_batch_that_overruns_its_deadline_are_all_sent(
                 for event in live:
                     await event.wait()
             await wait_until_async(lambda: len(nats.chat_subscriptions()) == 3)
-            release = gate_first_call(monkeypatch, Subscription, "unsubscribe")
-            # In one go, so that they make one batch: the three UNSUBs (the first held
-            # past the deadline) and a new SUB, whose failure tells the deadline passed.
-            late = trio.Event()
-            nursery.start_soon(expect_failure, bus, late)
+            # A new SUB whose batch nats-py does not take (its write queue stuck).
+            release = gate_first_call(monkeypatch, type(bus.nc), "_send_subscribe")
+            late_scope, late_live = trio.CancelScope(), trio.Event()
+            nursery.start_soon(hold, bus, LATE, Inbox(), late_scope, late_live)
+            with trio.fail_after(10):
+                await trio.testing.wait_all_tasks_blocked(0.05)
+            batches = bus.batches
             for scope in scopes:
                 scope.cancel()
-            with trio.fail_after(10):
-                await late.wait()
-            release()
             await wait_until_async(lambda: nats.chat_subscriptions() == [])
+            assert not late_live.is_set()  # its batch is still stuck
+            assert bus.batches == batches
+            release()
+            with trio.fail_after(10):
+                await late_live.wait()
+            late_scope.cancel()
+        await wait_until_async(lambda: nats.chat_subscriptions() == [])
+
+
+async def test_leaving_writes_the_unsubs_in_that_step(nats: NatsProcess) -> None:
+    subjects = [f"chat.*.00000000-1111-4222-8333-{i:012d}" for i in range(50)]
+    async with open_bus([nats.url]) as bus, AsyncExitStack() as stack:
+        with trio.fail_after(10):
+            releases = [
+                await stack.enter_async_context(bus.subscription(s, Inbox())) for s in subjects
+            ]
+        await wait_until_async(lambda: len(nats.chat_subscriptions()) == 50)
+        batches, unsubscribes = bus.batches, bus.unsubscribes
+        for release in releases:
+            release()
+        # No checkpoint since: gone from nats-py's table (nothing to replay on a
+        # reconnect), the UNSUBs written (nothing left queued for nats-py's flusher), and
+        # no batch, no PING, no task involved.
+        assert not any(s.startswith("chat.") for s in natsborder.subscribed_subjects(bus.nc))
+        assert bus.nc._pending_data_size == 0
+        assert bus.unsubscribes == unsubscribes + 50
+        assert bus.batches == batches
+        for release in releases:
+            release()  # idempotent, as is leaving the block
+        await wait_until_async(lambda: nats.chat_subscriptions() == [])
+    assert bus.unsubscribes == unsubscribes + 50
 
 
 async def test_a_sub_held_past_the_deadline_fails_and_leaves_nothing_behind(

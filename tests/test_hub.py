@@ -85,6 +85,23 @@ async def test_leaving_while_subscribing_cancels_the_subscription(hub: Hub, bus:
     assert bus.handlers == {}
 
 
+async def test_bodies_told_of_a_disconnect_leave_and_unsubscribe_in_that_step(
+    hub: Hub, bus: FakeBus
+) -> None:
+    bodies = [WatchBody(hub, CID, None) for _ in range(2)]
+    for body in bodies:
+        await body.__aenter__()
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.statistics().watchers == 2
+    for body in bodies:
+        body.disconnected()  # as the connection's reader does, before any checkpoint
+    assert hub.statistics().watchers == 0
+    assert bus.unsubscribe_calls == 1  # the last one's: no task had to run for it
+    for body in reversed(bodies):  # (their nurseries close in the reverse order)
+        await body.__aexit__(None, None, None)  # the cancellation arriving: nothing left
+    assert bus.unsubscribe_calls == 1
+
+
 async def test_slow_consumer_is_cut_off_alone(hub: Hub, bus: FakeBus) -> None:
     slow, fast = await admitted(hub), await admitted(hub)
     for i in range(20):

@@ -85,7 +85,9 @@ class ParserBus:
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
-    async def subscription(self, subject: str, handler: MessageHandler) -> AsyncGenerator[None]:
+    async def subscription(
+        self, subject: str, handler: MessageHandler
+    ) -> AsyncGenerator[Callable[[], None]]:
         from nats.aio.subscription import Subscription
 
         sid = self._next_sid
@@ -94,11 +96,15 @@ class ParserBus:
         natsborder.deliver_inline(sub, handler, lambda _s: None)
         self.nc._subs[sid] = sub
         self.sids[subject] = sid
+
+        def release() -> None:
+            self.nc._subs.pop(sid, None)
+
         try:
             await trio.lowlevel.checkpoint()
-            yield
+            yield release
         finally:
-            del self.nc._subs[sid]
+            release()
 
     def feed(self, data: bytes) -> None:
         """What nats-py's read loop does with one read: parse it, delivering inline.
