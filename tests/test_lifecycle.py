@@ -163,6 +163,8 @@ async def test_idle_stream_gets_keepalives(
     nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
 ) -> None:
     svc = await start_service(nursery, nats, tmp_path, keepalive=0.1)
+    # Connected first: a stream that waits for NATS gets keepalives before its `:ok`.
+    await wait_until(lambda: nats.monitor("/connz")["num_connections"] >= 1)
     (seed,) = await svc.seed()
     w = await watch(svc, seed.conversation_id, seed.token)
     with trio.fail_after(5):
