@@ -9,9 +9,12 @@ ends; the `Response` object stays referenced while its body streams. This class,
 set as the app's ``asgi_http_class`` (Quart's documented extension point), does the
 same work with:
 
-- one task fewer: the response is handled in the task hypercorn started for the
-  request, and only the message reader runs beside it in the nursery; a disconnect
-  still cancels the nursery, so the response sees Cancelled as before;
+- two tasks fewer, and no nursery: the response is handled in the task hypercorn
+  started for the request, and the request's messages are handed to it by
+  hypercorn's put itself (`app/inbox.py`, the connection's `Inbox`): the body is
+  appended, and a disconnect cancels the request's scope, so the response sees
+  Cancelled as before. Where ``receive`` is not an `Inbox`'s (the inbox adapter
+  off, a test client), one task relays it into one;
 - the `Request` dropped once the route has returned (the reader keeps only the
   body, and only until it is complete), and the `Response` dropped once its head is
   sent (the body alone is drained);
@@ -36,7 +39,7 @@ from contextlib import nullcontext
 from typing import Any, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable
 from quart.asgi import ASGIHTTPConnection
 from quart.utils import encode_headers
 from quart.wrappers import Body, Request, Response
@@ -45,6 +48,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app import upstream
+from app.inbox import Inbox, inbox_of
 
 log = logging.getLogger("chatwatch.asgiconn")
 
@@ -125,12 +129,17 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
     the length of a streamed body (see the module docstring)."""
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        inbox = inbox_of(receive)
+        if inbox is None:
+            await self._relayed(receive, send)
+            return
         # One coroutine for what upstream splits over four (quart's `_send_response`
-        # too): each suspended one is a frame that an idle stream keeps.
-        async with trio.open_nursery() as nursery:
+        # too), and no task beside it: the request's messages come to `_Messages`
+        # straight from hypercorn's put (app/inbox.py); a disconnect cancels `scope`.
+        with trio.CancelScope() as scope:
             request: Request | None = self._create_request_from_scope(send)
             assert request is not None
-            nursery.start_soon(self._read_messages, nursery.cancel_scope, request.body, receive)
+            inbox.listen(_Messages(scope, request.body))
             response = await self.app.handle_request(request)
             request = None  # the route has returned: nothing reads the request any more
             if isinstance(response, Response) and response.timeout != Ellipsis:
@@ -158,21 +167,45 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
                                 {"type": "http.response.body", "body": chunk, "more_body": True}
                             )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relayed(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        """Where ``receive`` is not an `Inbox`'s (hypercorn's own channel, a test
+        client): a task relays its messages into one, as quart-trio's reader task
+        would read them, until the disconnect or the end of the response."""
+        inbox = Inbox(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_relay, receive, inbox)
+            await self(inbox.receive, send)
             nursery.cancel_scope.cancel()
 
-    async def _read_messages(
-        self, scope: trio.CancelScope, body: Body | None, receive: ASGIReceiveCallable
-    ) -> None:
-        """quart's reader, keeping the body only until it is complete; a disconnect
-        (or hypercorn's end of the request) cancels the request's nursery."""
-        while True:
-            message = await receive()
-            if message["type"] == "http.request":
-                if body is not None:
-                    body.append(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        body.set_complete()
-                        body = None
-            elif message["type"] == "http.disconnect":
-                break
-        scope.cancel()
+
+async def _relay(receive: ASGIReceiveCallable, inbox: Inbox) -> None:
+    while True:
+        message = await receive()
+        await inbox.put(message)
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Messages:
+    """What quart's reader does with a request's messages (`ASGIHTTPConnection.
+    handle_messages`, then quart-trio's cancel), called by the `Inbox` as each is put:
+    the body is appended until complete (then dropped), a disconnect cancels the
+    request's scope. Never raises: it runs in hypercorn's reading task."""
+
+    __slots__ = ("body", "scope")
+
+    def __init__(self, scope: trio.CancelScope, body: Body) -> None:
+        self.scope = scope
+        self.body: Body | None = body
+
+    def __call__(self, message: ASGIReceiveEvent) -> None:
+        if message["type"] == "http.request":
+            body = self.body
+            if body is not None:
+                body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body.set_complete()
+                    self.body = None
+        elif message["type"] == "http.disconnect":
+            self.scope.cancel()
