@@ -32,10 +32,18 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.trio import task_group
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendEvent,
+    Scope,
+)
 
 from app import upstream
 
@@ -46,6 +54,7 @@ log = logging.getLogger("chatwatch.inbox")
 EXPECTED_SOURCE_SHA256: dict[str, str] = {
     "TaskGroup.spawn_app": ("487c35772c8bd89c440732d9b5a63403895fcbb7eb3c40b9d63815d4bb6d1187"),
     "_handle": "06081a56a9930825919e01e08ad2b2ffaae5508f065bcfced89cd3082db2192f",
+    "ASGIWrapper.__call__": "a1afeef5c92b96de6861d8252475f1e7e7eb96897d96861a9bea31765d732f3a",
 }
 
 Listener = Callable[[ASGIReceiveEvent], None]
@@ -167,6 +176,9 @@ async def _spawn_app(
     """`TaskGroup.spawn_app` with an `Inbox` where hypercorn makes a memory channel."""
     inbox = Inbox(config.max_app_queue_size)
     assert self._nursery is not None  # spawned inside `async with TaskGroup()`
+    if type(app) is ASGIWrapper:
+        self._nursery.start_soon(_handle_asgi, app.app, config, scope, inbox.receive, send)
+        return inbox.put
     self._nursery.start_soon(
         task_group._handle,
         app,
@@ -180,8 +192,38 @@ async def _spawn_app(
     return inbox.put
 
 
+async def _handle_asgi(
+    app: ASGIFramework,
+    config: Config,
+    scope: Scope,
+    receive: ASGIReceiveCallable,
+    send: Callable[[ASGISendEvent | None], Awaitable[None]],
+) -> None:
+    """hypercorn's `_handle` with `ASGIWrapper.__call__` (which only passes three of
+    its five arguments on) inlined: one suspended frame fewer for a whole stream."""
+    try:
+        await app(scope, receive, send)
+    except trio.Cancelled:
+        raise
+    except BaseExceptionGroup as error:
+        _, other_errors = error.split(trio.Cancelled)
+        if other_errors is not None:
+            await config.log.exception("Error in ASGI Framework")
+            await send(None)
+        else:
+            raise
+    except Exception:
+        await config.log.exception("Error in ASGI Framework")
+    finally:
+        await send(None)
+
+
 def mirrored() -> dict[str, object]:
-    return {"TaskGroup.spawn_app": TaskGroup.spawn_app, "_handle": task_group._handle}
+    return {
+        "TaskGroup.spawn_app": TaskGroup.spawn_app,
+        "_handle": task_group._handle,
+        "ASGIWrapper.__call__": ASGIWrapper.__call__,
+    }
 
 
 def installed() -> bool:
