@@ -220,7 +220,8 @@ async def _handle_asgi(
 
 def mirrored() -> dict[str, object]:
     return {
-        "TaskGroup.spawn_app": TaskGroup.spawn_app,
+        # hypercorn's, also while this module's replacement is in place
+        "TaskGroup.spawn_app": _original or TaskGroup.spawn_app,
         "_handle": task_group._handle,
         "ASGIWrapper.__call__": ASGIWrapper.__call__,
     }
