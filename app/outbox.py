@@ -154,7 +154,8 @@ class Outbox:
                 raise trio.EndOfChannel
             if self._reader is not None:
                 raise trio.BusyResourceError("another task is taking from this outbox")
-            self._frames = None  # empty: an idle outbox holds no deque
+            # Empty: an idle outbox holds no deque (nor does this frame, while parked).
+            frames = self._frames = None
             self._reader = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
             frames = self._frames  # a new one, if a frame came (None if closed)
