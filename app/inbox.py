@@ -18,12 +18,16 @@ idle watcher holds"). `Inbox` replaces the channel:
   handling (app/asgiconn.py) appends the body and cancels its scope on
   ``http.disconnect`` with no task of its own.
 
+And the request's task runs a copy of hypercorn's `_handle` on the ASGI app itself
+where hypercorn wrapped it in an `ASGIWrapper` (whose ``__call__`` only drops two
+arguments): one suspended frame fewer for the life of a stream.
+
 Why a replacement checked against a source hash, over a pinned hypercorn (as
 app/fastsend.py): `spawn_app` is a private detail of hypercorn's trio worker, and
 what this mirrors is its contract (a task in the connection's nursery running
 ``_handle`` with a receive callable, a put callable back). `install` hashes
-`TaskGroup.spawn_app` and `_handle` and leaves hypercorn alone, with a warning, when
-either is not the code this module was written against.
+`TaskGroup.spawn_app`, `_handle` and `ASGIWrapper.__call__`, and leaves hypercorn
+alone, with a warning, when any is not the code this module was written against.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ log = logging.getLogger("chatwatch.inbox")
 # sha256 of the dedented sources, in hypercorn 0.18.0, of what `_spawn_app` replaces
 # and of the `_handle` it starts as the original does.
 EXPECTED_SOURCE_SHA256: dict[str, str] = {
-    "TaskGroup.spawn_app": ("487c35772c8bd89c440732d9b5a63403895fcbb7eb3c40b9d63815d4bb6d1187"),
+    "TaskGroup.spawn_app": "487c35772c8bd89c440732d9b5a63403895fcbb7eb3c40b9d63815d4bb6d1187",
     "_handle": "06081a56a9930825919e01e08ad2b2ffaae5508f065bcfced89cd3082db2192f",
     "ASGIWrapper.__call__": "a1afeef5c92b96de6861d8252475f1e7e7eb96897d96861a9bea31765d732f3a",
 }
