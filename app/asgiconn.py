@@ -9,9 +9,12 @@ ends; the `Response` object stays referenced while its body streams. This class,
 set as the app's ``asgi_http_class`` (Quart's documented extension point), does the
 same work with:
 
-- one task fewer: the response is handled in the task hypercorn started for the
-  request, and only the message reader runs beside it in the nursery; a disconnect
-  still cancels the nursery, so the response sees Cancelled as before;
+- two tasks fewer, and no nursery: the response is handled in the task hypercorn
+  started for the request, and the request's messages are handed to it by
+  hypercorn's put itself (`app/inbox.py`, the connection's `Inbox`): the body is
+  appended, and a disconnect cancels the request's scope, so the response sees
+  Cancelled as before. Where ``receive`` is not an `Inbox`'s (the inbox adapter
+  off, a test client), one task relays it into one;
 - the `Request` dropped once the route has returned (the reader keeps only the
   body, and only until it is complete), and the `Response` dropped once its head is
   sent (the body alone is drained);
@@ -19,7 +22,7 @@ same work with:
   stream) built once and shared, since hypercorn keeps the start message for the
   life of the stream;
 - a streamed body with a synchronous ``disconnected()`` method (`Disconnectable`)
-  is told by the message reader in the step that reads the client's disconnect, right
+  is told by `_Messages` in the step that hands over the client's disconnect, right
   after cancelling the request: what it owes others (the hub's `leave`, and with the
   last watcher the conversation's UNSUB) is not held back by the scheduler pass it
   takes the cancellation to reach the body, a pass that lasts hundreds of
@@ -42,7 +45,8 @@ from contextlib import nullcontext
 from typing import Any, Protocol, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable
+from quart import Quart
 from quart.asgi import ASGIHTTPConnection
 from quart.utils import encode_headers
 from quart.wrappers import Body, Request, Response
@@ -51,6 +55,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app import upstream
+from app.inbox import Inbox, inbox_of
 
 log = logging.getLogger("chatwatch.asgiconn")
 
@@ -74,6 +79,8 @@ EXPECTED_SOURCE_SHA256: dict[str, str] = {
     "ASGIHTTPConnection._send_response": (
         "b530fd3c24f30f10e521c77854c0f8147bfe9350e1c83d890154a3d30e7b737c"
     ),
+    # What app/http.py's CloseSafeASGI does in its place: make this class, call it.
+    "Quart.asgi_app": "cf9f1a3ba14fc2ef47b0b5ce8b055312efe36544358acf5c1eb516446c176f6f",
 }
 
 # Shared response heads: (status, header items) -> the ASGI start message. Bounded:
@@ -97,6 +104,7 @@ def upstream_methods() -> dict[str, Callable[..., object]]:
         "TrioASGIHTTPConnection.handle_request": TrioASGIHTTPConnection.handle_request,
         "ASGIHTTPConnection.handle_messages": ASGIHTTPConnection.handle_messages,
         "ASGIHTTPConnection._send_response": ASGIHTTPConnection._send_response,
+        "Quart.asgi_app": Quart.asgi_app,
     }
 
 
@@ -137,16 +145,19 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
     """`TrioASGIHTTPConnection` with one task and no request or response kept for
     the length of a streamed body (see the module docstring)."""
 
-    # The streamed body to tell of a disconnect (set per instance, for those only).
-    _told: Disconnectable | None = None
-
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        inbox = inbox_of(receive)
+        if inbox is None:
+            await self._relayed(receive, send)
+            return
         # One coroutine for what upstream splits over four (quart's `_send_response`
-        # too): each suspended one is a frame that an idle stream keeps.
-        async with trio.open_nursery() as nursery:
+        # too), and no task beside it: the request's messages come to `_Messages`
+        # straight from hypercorn's put (app/inbox.py); a disconnect cancels `scope`.
+        with trio.CancelScope() as scope:
             request: Request | None = self._create_request_from_scope(send)
             assert request is not None
-            nursery.start_soon(self._read_messages, nursery.cancel_scope, request.body, receive)
+            messages = _Messages(scope, request.body)
+            inbox.listen(messages)
             response = await self.app.handle_request(request)
             request = None  # the route has returned: nothing reads the request any more
             if isinstance(response, Response) and response.timeout != Ellipsis:
@@ -157,7 +168,7 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
             body: Iterable[Any] | ResponseBody = response.response
             if hasattr(body, "disconnected"):
                 # The body alone (no bound method kept per stream), for the reader.
-                self._told = cast(Disconnectable, body)
+                messages.told = cast(Disconnectable, body)
             sized = isinstance(response, WerkzeugResponse)
             del response  # the head is built: only the body is needed from here on
             deadline = trio.move_on_after(timeout) if timeout is not None else nullcontext()
@@ -176,24 +187,61 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
                             await send(
                                 {"type": "http.response.body", "body": chunk, "more_body": True}
                             )
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # Shielded (what app/http.py's CloseSafeASGI does for any handler):
+                # hypercorn delivers the disconnect from inside this very send, and
+                # its close must not be cancelled.
+                with trio.CancelScope(shield=True):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relayed(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        """Where ``receive`` is not an `Inbox`'s (hypercorn's own channel, a test
+        client): a task relays its messages into one, as quart-trio's reader task
+        would read them, until the disconnect or the end of the response."""
+        inbox = Inbox(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_relay, receive, inbox)
+            await self(inbox.receive, send)
             nursery.cancel_scope.cancel()
 
-    async def _read_messages(
-        self, scope: trio.CancelScope, body: Body | None, receive: ASGIReceiveCallable
-    ) -> None:
-        """quart's reader, keeping the body only until it is complete; a disconnect
-        (or hypercorn's end of the request) cancels the request's nursery."""
-        while True:
-            message = await receive()
-            if message["type"] == "http.request":
-                if body is not None:
-                    body.append(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        body.set_complete()
-                        body = None
-            elif message["type"] == "http.disconnect":
-                break
-        scope.cancel()
-        if self._told is not None:
-            self._told.disconnected()
+
+async def _relay(receive: ASGIReceiveCallable, inbox: Inbox) -> None:
+    while True:
+        message = await receive()
+        await inbox.put(message)
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Messages:
+    """What quart's reader does with a request's messages (`ASGIHTTPConnection.
+    handle_messages`, then quart-trio's cancel), called by the `Inbox` as each is put:
+    the body is appended until complete (then dropped), a disconnect cancels the
+    request's scope, and then tells a streamed body that wants to know
+    (`Disconnectable`) in that same step. Never raises: it runs in hypercorn's
+    reading task."""
+
+    __slots__ = ("body", "scope", "told")
+
+    def __init__(self, scope: trio.CancelScope, body: Body) -> None:
+        self.scope = scope
+        self.body: Body | None = body
+        # The streamed body to tell of a disconnect, once the response has one.
+        self.told: Disconnectable | None = None
+
+    def __call__(self, message: ASGIReceiveEvent) -> None:
+        if message["type"] == "http.request":
+            body = self.body
+            if body is not None:
+                body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body.set_complete()
+                    self.body = None
+        elif message["type"] == "http.disconnect":
+            self.scope.cancel()
+            told, self.told = self.told, None
+            if told is not None:
+                try:
+                    told.disconnected()
+                except Exception:
+                    # Its own exit (`__aexit__`) releases again, idempotently.
+                    log.exception("a disconnected body failed to release")

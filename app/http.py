@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any, cast
 
 import trio
-from quart import Response, request
+from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -205,6 +205,22 @@ class CloseSafeASGI:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+
+        asgi_app = self.app.asgi_app
+        if (
+            self.app.asgi_http_class is asgiconn.LeanHTTPConnection
+            and type(asgi_app) is _ReleaseSlots
+            and getattr(asgi_app.app, "__func__", None) is Quart.asgi_app
+        ):
+            # What `_ReleaseSlots` and Quart's `asgi_app` would do, without their two
+            # frames suspended for the whole stream: make the request handler and
+            # call it (asgiconn.py mirrors `asgi_app` too), release the slot after.
+            # `LeanHTTPConnection` shields its final send itself.
+            try:
+                await asgiconn.LeanHTTPConnection(self.app, scope)(receive, send)
+            finally:
+                limits.release_request_slot(scope)
             return
 
         async def send_final_shielded(message: Any) -> None:

@@ -900,6 +900,11 @@ class Hub:
                     continue
                 for w in list(topic.members):
                     self._push(w, sse.KEEPALIVE)
+                # The readers of this topic's streams run before the next topic's get
+                # their comment: an idle outbox holds no deque (app/outbox.py), and
+                # one pass over every stream would make them all at once, a
+                # high-water mark the heap keeps (docs/findings.md, idle memory).
+                await trio.lowlevel.checkpoint()
 
 
 @asynccontextmanager

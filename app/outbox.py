@@ -8,6 +8,11 @@ channel: the channel's bookkeeping (its state object, per-task tables, an outcom
 wrapper per hand-off) was about a tenth of a frame's CPU in the `many` and `paced`
 shapes (tests/bench/frame_layers.py). There is one reader, the stream's body; a
 second concurrent `take` raises trio.BusyResourceError.
+
+An idle outbox holds no deque (an empty one is 760 bytes, a twentieth of an idle
+watcher): the reader drops it when it parks on an empty outbox, the next frame in
+makes a new one (docs/findings.md, "What an idle watcher holds"). The parked
+reader's abort is a bound method, not a closure made at every wait.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class Outbox:
     )
 
     def __init__(self, max_frames: int, max_bytes: int, window: float = 0.0) -> None:
-        self._frames: deque[bytes] = deque()
+        # None while empty and the reader is parked (see the module docstring).
+        self._frames: deque[bytes] | None = None
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         # Seconds a frame may wait for others to be written with it (--write-window).
@@ -44,7 +50,10 @@ class Outbox:
         self._closed = False
 
     def _append(self, frame: bytes) -> None:
-        self._frames.append(frame)
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
+        frames.append(frame)
         self.queued_bytes += len(frame)
         reader = self._reader
         if reader is not None:
@@ -58,9 +67,9 @@ class Outbox:
         """
         if self._closed:
             return True
-        if (
-            self.queued_bytes + len(frame) > self._max_bytes
-            or len(self._frames) >= self._max_frames
+        frames = self._frames
+        if self.queued_bytes + len(frame) > self._max_bytes or (
+            frames is not None and len(frames) >= self._max_frames
         ):
             return False
         self._append(frame)
@@ -68,7 +77,8 @@ class Outbox:
 
     def put_last(self, frame: bytes) -> None:
         """Queue a stream's final frame if there is room at all, then close."""
-        if not self._closed and len(self._frames) < self._max_frames:
+        frames = self._frames
+        if not self._closed and (frames is None or len(frames) < self._max_frames):
             self._append(frame)
         self.close()
 
@@ -81,7 +91,7 @@ class Outbox:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         await self.wait_room(self._max_bytes - len(frame))
-        while len(self._frames) >= self._max_frames:
+        while self._frames is not None and len(self._frames) >= self._max_frames:
             await self._wait_drained()
         if self._closed:
             raise trio.ClosedResourceError("the outbox is closed")
@@ -119,8 +129,9 @@ class Outbox:
 
     def receive_nowait(self) -> bytes:
         """One frame. Raises trio.WouldBlock (empty) or trio.EndOfChannel (closed)."""
-        if self._frames:
-            frame = self._frames.popleft()
+        frames = self._frames
+        if frames:
+            frame = frames.popleft()
             self._took(len(frame))
             return frame
         if self._closed:
@@ -143,16 +154,18 @@ class Outbox:
                 raise trio.EndOfChannel
             if self._reader is not None:
                 raise trio.BusyResourceError("another task is taking from this outbox")
-            task = trio.lowlevel.current_task()
-            self._reader = task
-
-            def abort(_: object, task: trio.lowlevel.Task = task) -> trio.lowlevel.Abort:
-                if self._reader is task:
-                    self._reader = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            # Empty: an idle outbox holds no deque (nor does this frame, while parked).
+            frames = self._frames = None
+            self._reader = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
+            frames = self._frames  # a new one, if a frame came (None if closed)
         return frames.popleft()
+
+    def _abort_receive(self, _: object) -> trio.lowlevel.Abort:
+        # Called only while the reader is still parked (never after `_append` or
+        # `close` rescheduled it), and there is only one reader: it is the one.
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def take(self, coalesce: int) -> bytes:
         """The next frame, joined with whatever else is already queued up to `coalesce`

@@ -28,7 +28,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from app import embedded, fastchunk, fastsend, idletask, sse
+from app import embedded, fastchunk, fastsend, idletask, inbox, readloop, sse
 from app.bus import Bus, open_bus
 from app.config import Settings
 from app.errors import BusUnavailable, unwrap_single
@@ -147,6 +147,10 @@ async def run(
         fastchunk.uninstall()
     # Each connection's keep-alive timer without a lock or a start handshake.
     idletask.install()
+    # Each request's ASGI messages without a memory channel or a reading task.
+    inbox.install()
+    # Each connection's read loop with no timeout scope or trio socket frames held.
+    readloop.install()
     # Before anything starts (the embedded nats-server): a database that can never be
     # opened is a usage error, not an outage.
     await trio.to_thread.run_sync(check_database, settings.database_url)

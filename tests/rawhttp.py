@@ -80,11 +80,15 @@ class StreamApp:
 
 @asynccontextmanager
 async def serving(
-    app: Any, *, sndbuf: int | None = None, keep_alive: float | None = None
+    app: Any,
+    *,
+    sndbuf: int | None = None,
+    keep_alive: float | None = None,
+    read_timeout: float | None = None,
 ) -> AsyncGenerator[int, None]:
     """hypercorn serving `app` on 127.0.0.1; yields the port. `sndbuf` is set on the
-    listener, which accepted connections inherit; `keep_alive`: hypercorn's
-    keep_alive_timeout (its default when None)."""
+    listener, which accepted connections inherit; `keep_alive` and `read_timeout`:
+    hypercorn's keep_alive_timeout and read_timeout (its defaults when None)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     if sndbuf is not None:
@@ -96,6 +100,8 @@ async def serving(
     config.graceful_timeout = 1
     if keep_alive is not None:
         config.keep_alive_timeout = keep_alive
+    if read_timeout is not None:
+        config.read_timeout = read_timeout  # type: ignore[assignment]  # annotated int; seconds
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(

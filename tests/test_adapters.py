@@ -8,16 +8,19 @@ from types import ModuleType
 
 import pytest
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
-from app import fastchunk, fastsend, upstream
+from app import fastchunk, fastsend, inbox, readloop, upstream
 
 # (adapter, the class whose method it replaces, the method, its logger)
 ADAPTERS = [
     (fastsend, TCPServer, "protocol_send", "chatwatch.fastsend"),
     (fastchunk, H11Protocol, "stream_send", "chatwatch.fastchunk"),
+    (inbox, TaskGroup, "spawn_app", "chatwatch.inbox"),
+    (readloop, TCPServer, "_read_data", "chatwatch.readloop"),
 ]
-IDS = ["fastsend", "fastchunk"]
+IDS = ["fastsend", "fastchunk", "inbox", "readloop"]
 
 
 @pytest.mark.parametrize(("adapter", "owner", "method", "logger"), ADAPTERS, ids=IDS)

@@ -182,7 +182,7 @@ SHUTDOWN_LIMIT = 30
 # No keepalive comment may come before the shutdown's frame: on a loaded machine,
 # opening 2000 streams took longer than the default 15 s, and the first ones got one
 # (a run counted 1040 of 2000 bodies starting with the retry frame).
-NO_KEEPALIVE = ("--keepalive", "3600")
+KEEPALIVE_OFF_ARGS = ("--keepalive", "3600")
 
 
 async def test_sigterm_with_open_streams_ends_them_and_exits_0(
@@ -193,7 +193,7 @@ async def test_sigterm_with_open_streams_ends_them_and_exits_0(
         tmp_path,
         "--shutdown-grace",
         LONG_GRACE,
-        *NO_KEEPALIVE,
+        *KEEPALIVE_OFF_ARGS,
         conversations=5,
         db_in_env=True,
     ) as srv:
@@ -234,7 +234,7 @@ async def test_sigterm_with_2000_open_streams_ends_each_one_and_exits_0(
         "5000",
         "--shutdown-grace",
         LONG_GRACE,
-        *NO_KEEPALIVE,
+        *KEEPALIVE_OFF_ARGS,
         conversations=400,
     ) as srv:
         streams: list[Response] = []
