@@ -27,13 +27,16 @@ from tests.procfs import all_threads_stopped
 
 
 class NatsProcess:
+    # Set by `pause`, cleared by `kill` (a class default: subclasses such as the
+    # cluster's node have their own __init__).
+    paused = False
+
     def __init__(self, *, jetstream: bool = True) -> None:
         self._jetstream = jetstream
         self._dir = tempfile.mkdtemp(prefix="chatwatch-test-nats-")
         self.client_port = -1
         self.monitor_port = -1
         self._proc: subprocess.Popen[bytes] | None = None
-        self.paused = False
 
     @property
     def url(self) -> str:

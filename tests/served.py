@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from app.store import SQLiteStore
+from tests import sseclient
 from tests.natsproc import NatsProcess
 from tests.polling import poll_until
 from tests.ports import free_port
@@ -46,6 +47,26 @@ async def wait_serving(proc: trio.Process, port: int, host: str, limit: float = 
 
     await poll_until(settled, limit)
     return proc.returncode is None
+
+
+async def wait_ready(port: int, host: str, limit: float = 15.0) -> None:
+    """Until /readyz answers 200 (NATS connected, store answering) three times in a row:
+    a stream opened before the service's NATS connection is up starts with "NATS not
+    available" instead of `:ok` (a loaded machine made tests flaky that way); in a row,
+    so that with `--workers` more than one worker has most likely answered."""
+    streak = 0
+
+    async def ready() -> bool:
+        nonlocal streak
+        try:
+            with trio.fail_after(5):
+                status = (await sseclient.get(port, "/readyz", host=host))[0]
+        except (OSError, trio.TooSlowError):
+            status = 0
+        streak = streak + 1 if status == 200 else 0
+        return streak >= 3
+
+    await poll_until(ready, limit)
 
 
 @dataclass
@@ -107,6 +128,8 @@ async def served(
             )
         try:
             if await wait_serving(proc, port, host):
+                if nats._proc is not None and not nats.paused:
+                    await wait_ready(port, host)
                 yield Served(port, proc, token, cids, log)
                 return
             if attempt == PORT_ATTEMPTS or "in use" not in log.read_text().lower():
