@@ -26,8 +26,6 @@ on a change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import h11
 from h11._writers import ChunkedWriter
@@ -35,7 +33,7 @@ from hypercorn.events import RawData
 from hypercorn.protocol.events import Body, Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 
-from app.upstream import mismatches
+from app import upstream
 
 log = logging.getLogger("chatwatch.fastchunk")
 
@@ -46,47 +44,15 @@ EXPECTED_SOURCES_SHA256 = {
     "send_data": "a526bf1ca03da91511505340da071d6a51a0cf610d4f19826a785933c7c46994",
 }
 
-_StreamSend = Callable[[H11Protocol, StreamEvent], Coroutine[Any, Any, None]]
-_original: _StreamSend | None = None
 
-
-def upstream_sources() -> dict[str, Callable[..., object]]:
-    """What this module mirrors: the methods whose hashes `install` checks."""
-    stream_send = _original if _original is not None else H11Protocol.stream_send
+def upstream_sources() -> dict[str, object]:
+    """What this module mirrors (upstream's, also while the replacement is in place)."""
+    stream_send = _replacement.original or H11Protocol.stream_send
     return {"stream_send": stream_send, "send_data": ChunkedWriter.send_data}
 
 
-def installed() -> bool:
-    return _original is not None
-
-
-def install() -> bool:
-    """Replace `H11Protocol.stream_send` once; True when the fast framing is in place.
-
-    Idempotent. Refuses (a warning, hypercorn untouched) when an upstream source is not
-    the one this module mirrors.
-    """
-    global _original
-    if _original is not None:
-        return True
-    wrong = mismatches(EXPECTED_SOURCES_SHA256, upstream_sources())
-    if wrong:
-        log.warning(
-            "fast chunk: %s not the one this adapter mirrors (source sha256); left off",
-            ", ".join(wrong),
-        )
-        return False
-    _original = H11Protocol.stream_send
-    H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
-    return True
-
-
-def uninstall() -> None:
-    """Put hypercorn's method back (for tests and measurements)."""
-    global _original
-    if _original is not None:
-        H11Protocol.stream_send = _original  # type: ignore[method-assign, assignment]
-        _original = None
+def _check() -> list[str]:
+    return upstream.mismatches(EXPECTED_SOURCES_SHA256, upstream_sources())
 
 
 def frame(data: bytes) -> bytes:
@@ -100,6 +66,12 @@ async def _stream_send(self: H11Protocol, event: StreamEvent) -> None:
         if connection.our_state is h11.SEND_BODY and type(connection._writer) is ChunkedWriter:
             await self.send(RawData(data=frame(event.data)))
             return
-    original = _original
-    assert original is not None  # only installed together with _original
+    original = _replacement.original
+    assert original is not None  # only installed together with the original
     await original(self, event)
+
+
+_replacement = upstream.Replacement(log, H11Protocol, "stream_send", _stream_send, _check)
+install = _replacement.install
+uninstall = _replacement.uninstall
+installed = _replacement.installed

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
-from app.upstream import source_sha256
+from app import upstream
 
 log = logging.getLogger("chatwatch.fastsend")
 
@@ -59,56 +57,21 @@ class Stats:
 
 stats = Stats()
 
-_Send = Callable[[TCPServer, Event], Coroutine[Any, Any, None]]
-_original: _Send | None = None
+
+def upstream_sources() -> dict[str, object]:
+    """What this module mirrors (upstream's, also while the replacement is in place)."""
+    return {"TCPServer.protocol_send": _replacement.original or TCPServer.protocol_send}
 
 
-def installed() -> bool:
-    return _original is not None
-
-
-def install() -> bool:
-    """Replace `TCPServer.protocol_send` once; True when the fast path is in place.
-
-    Idempotent. Refuses (a warning, hypercorn untouched) where the upstream method is
-    not the one this module mirrors or where a socket's descriptor cannot be written
-    with ``os.write`` (not POSIX).
-    """
-    global _original
-    if _original is not None:
-        return True
-    if os.name != "posix":
-        log.warning("fast send: not on %s (os.write on a socket is POSIX); left off", os.name)
-        return False
-    original = TCPServer.protocol_send
-    try:
-        digest = source_sha256(original)
-    except (OSError, TypeError) as exc:
-        log.warning("fast send: cannot read hypercorn's protocol_send (%s); left off", exc)
-        return False
-    if digest != EXPECTED_SOURCE_SHA256:
-        log.warning(
-            "fast send: hypercorn's TCPServer.protocol_send is not the one this adapter "
-            "mirrors (source sha256 %s); left off",
-            digest[:12],
-        )
-        return False
-    _original = original
-    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
-    return True
-
-
-def uninstall() -> None:
-    """Put hypercorn's method back (for tests and measurements)."""
-    global _original
-    if _original is not None:
-        TCPServer.protocol_send = _original  # type: ignore[method-assign, assignment]
-        _original = None
+def _check() -> list[str]:
+    return upstream.mismatches(
+        {"TCPServer.protocol_send": EXPECTED_SOURCE_SHA256}, upstream_sources()
+    )
 
 
 async def _protocol_send(self: TCPServer, event: Event) -> None:
-    original = _original
-    assert original is not None  # only installed together with _original
+    original = _replacement.original
+    assert original is not None  # only installed together with the original
     # Annotated upstream as an SSLStream; a SocketStream when there is no TLS.
     stream: trio.abc.Stream = self.stream
     lock = self.send_lock
@@ -163,3 +126,11 @@ async def _protocol_send(self: TCPServer, event: Event) -> None:
         await trio.lowlevel.checkpoint()
     else:
         self._chatwatch_fast_writes = countdown  # type: ignore[attr-defined]
+
+
+_replacement = upstream.Replacement(
+    log, TCPServer, "protocol_send", _protocol_send, _check, posix_only=True
+)
+install = _replacement.install
+uninstall = _replacement.uninstall
+installed = _replacement.installed

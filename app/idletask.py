@@ -33,6 +33,8 @@ from typing import Any
 import trio
 from hypercorn.trio import tcp_server, worker_context
 
+from app import upstream
+
 log = logging.getLogger("chatwatch.idletask")
 
 # sha256 of the dedented sources of what this mirrors and relies on, in hypercorn 0.18.0:
@@ -43,7 +45,6 @@ EXPECTED_SOURCE_SHA256 = "c5ca8cc230128feedea7946e74997a4777ec48b7c4a002f83afc85
 
 # The name TCPServer.__init__ looks up in its module for each new connection.
 _NAME = "TrioSingleTask"
-_original: type | None = None
 
 
 def mirrored() -> list[Callable[..., object] | type]:
@@ -91,36 +92,18 @@ class IdleTask:
         self._scope = None
 
 
-def installed() -> bool:
-    return _original is not None
-
-
-def install() -> bool:
-    """Make new connections use `IdleTask`; True when in place. Idempotent."""
-    global _original
-    if _original is not None:
-        return True
-    original: type = getattr(tcp_server, _NAME)
+def _check() -> list[str]:
     try:
         digest = source_sha256()
-    except (OSError, TypeError) as exc:
-        log.warning("idle task: cannot read hypercorn's sources (%s); left off", exc)
-        return False
-    if digest != EXPECTED_SOURCE_SHA256 or original is not worker_context.TrioSingleTask:
-        log.warning(
-            "idle task: hypercorn's TrioSingleTask or TCPServer is not the one this "
-            "adapter mirrors (source sha256 %s); left off",
-            digest[:12],
-        )
-        return False
-    _original = original
-    setattr(tcp_server, _NAME, IdleTask)
-    return True
+    except (OSError, TypeError):
+        digest = None  # no source to read: never a match
+    wrong = [] if digest == EXPECTED_SOURCE_SHA256 else ["TrioSingleTask and TCPServer's use of it"]
+    if getattr(tcp_server, _NAME) is not worker_context.TrioSingleTask:
+        wrong.append(f"tcp_server.{_NAME}")
+    return wrong
 
 
-def uninstall() -> None:
-    """Put hypercorn's class back (for tests and measurements)."""
-    global _original
-    if _original is not None:
-        setattr(tcp_server, _NAME, _original)
-        _original = None
+_replacement = upstream.Replacement(log, tcp_server, _NAME, IdleTask, _check)
+install = _replacement.install
+uninstall = _replacement.uninstall
+installed = _replacement.installed

@@ -63,9 +63,6 @@ EXPECTED_SOURCE_SHA256: dict[str, str] = {
 
 Listener = Callable[[ASGIReceiveEvent], None]
 
-_Spawn = Callable[..., Awaitable[Callable[[ASGIReceiveEvent], Awaitable[None]]]]
-_original: _Spawn | None = None
-
 
 class Inbox:
     """One request's ASGI messages from hypercorn to the app (see the module
@@ -225,37 +222,17 @@ async def _handle_asgi(
 def mirrored() -> dict[str, object]:
     return {
         # hypercorn's, also while this module's replacement is in place
-        "TaskGroup.spawn_app": _original or TaskGroup.spawn_app,
+        "TaskGroup.spawn_app": _replacement.original or TaskGroup.spawn_app,
         "_handle": task_group._handle,
         "ASGIWrapper.__call__": ASGIWrapper.__call__,
     }
 
 
-def installed() -> bool:
-    return _original is not None
+def _check() -> list[str]:
+    return upstream.mismatches(EXPECTED_SOURCE_SHA256, mirrored())
 
 
-def install() -> bool:
-    """Replace `TaskGroup.spawn_app` once; True when in place. Idempotent."""
-    global _original
-    if _original is not None:
-        return True
-    original = TaskGroup.spawn_app
-    wrong = upstream.mismatches(EXPECTED_SOURCE_SHA256, mirrored())
-    if wrong:
-        log.warning(
-            "inbox: hypercorn's %s is not the one this adapter mirrors; left off",
-            ", ".join(wrong),
-        )
-        return False
-    _original = original
-    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
-    return True
-
-
-def uninstall() -> None:
-    """Put hypercorn's method back (for tests and measurements)."""
-    global _original
-    if _original is not None:
-        TaskGroup.spawn_app = _original  # type: ignore[method-assign, assignment]
-        _original = None
+_replacement = upstream.Replacement(log, TaskGroup, "spawn_app", _spawn_app, _check)
+install = _replacement.install
+uninstall = _replacement.uninstall
+installed = _replacement.installed

@@ -25,60 +25,26 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
-from app.upstream import source_sha256
+from app import upstream
 
 log = logging.getLogger("chatwatch.readloop")
 
 # sha256 of the dedented source of hypercorn 0.18.0's TCPServer._read_data.
 EXPECTED_SOURCE_SHA256 = "73588ef2e57091d4ff384c80859ab0aac84c013006609611debeb2b49ec56344"
 
-_Read = Callable[[TCPServer], Coroutine[Any, Any, None]]
-_original: _Read | None = None
+
+def upstream_sources() -> dict[str, object]:
+    """What this module mirrors (upstream's, also while the replacement is in place)."""
+    return {"TCPServer._read_data": _replacement.original or TCPServer._read_data}
 
 
-def installed() -> bool:
-    return _original is not None
-
-
-def install() -> bool:
-    """Replace `TCPServer._read_data` once; True when in place. Idempotent."""
-    global _original
-    if _original is not None:
-        return True
-    if os.name != "posix":
-        log.warning("read loop: not on %s (os.read on a socket is POSIX); left off", os.name)
-        return False
-    original = TCPServer._read_data
-    try:
-        digest = source_sha256(original)
-    except (OSError, TypeError) as exc:
-        log.warning("read loop: cannot read hypercorn's _read_data (%s); left off", exc)
-        return False
-    if digest != EXPECTED_SOURCE_SHA256:
-        log.warning(
-            "read loop: hypercorn's TCPServer._read_data is not the one this adapter "
-            "mirrors (source sha256 %s); left off",
-            digest[:12],
-        )
-        return False
-    _original = original
-    TCPServer._read_data = _read_data  # type: ignore[method-assign]
-    return True
-
-
-def uninstall() -> None:
-    """Put hypercorn's method back (for tests and measurements)."""
-    global _original
-    if _original is not None:
-        TCPServer._read_data = _original  # type: ignore[method-assign, assignment]
-        _original = None
+def _check() -> list[str]:
+    return upstream.mismatches({"TCPServer._read_data": EXPECTED_SOURCE_SHA256}, upstream_sources())
 
 
 def _read_now(sock: trio.socket.SocketType) -> bytes | None:
@@ -94,8 +60,8 @@ async def _read_data(self: TCPServer) -> None:
     # Annotated upstream as an SSLStream; a SocketStream when there is no TLS.
     stream: trio.abc.Stream = self.stream
     if self.config.read_timeout or type(stream) is not trio.SocketStream:
-        original = _original
-        assert original is not None  # only installed together with _original
+        original = _replacement.original
+        assert original is not None  # only installed together with the original
         await original(self)
         return
     sock = stream.socket
@@ -117,3 +83,11 @@ async def _read_data(self: TCPServer) -> None:
         if data == b"":
             break
     await self.protocol.handle(Closed())
+
+
+_replacement = upstream.Replacement(
+    log, TCPServer, "_read_data", _read_data, _check, posix_only=True
+)
+install = _replacement.install
+uninstall = _replacement.uninstall
+installed = _replacement.installed

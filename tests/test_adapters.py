@@ -8,25 +8,27 @@ from types import ModuleType
 
 import pytest
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio import tcp_server
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
-from app import fastchunk, fastsend, inbox, readloop, upstream
+from app import fastchunk, fastsend, idletask, inbox, readloop, upstream
 
-# (adapter, the class whose method it replaces, the method, its logger)
+# (adapter, what holds the attribute it replaces, the attribute, its logger)
 ADAPTERS = [
     (fastsend, TCPServer, "protocol_send", "chatwatch.fastsend"),
     (fastchunk, H11Protocol, "stream_send", "chatwatch.fastchunk"),
     (inbox, TaskGroup, "spawn_app", "chatwatch.inbox"),
     (readloop, TCPServer, "_read_data", "chatwatch.readloop"),
+    (idletask, tcp_server, "TrioSingleTask", "chatwatch.idletask"),
 ]
-IDS = ["fastsend", "fastchunk", "inbox", "readloop"]
+IDS = ["fastsend", "fastchunk", "inbox", "readloop", "idletask"]
 
 
 @pytest.mark.parametrize(("adapter", "owner", "method", "logger"), ADAPTERS, ids=IDS)
 def test_install_refuses_code_it_does_not_know(
     adapter: ModuleType,
-    owner: type,
+    owner: object,
     method: str,
     logger: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -47,7 +49,7 @@ def test_install_refuses_code_it_does_not_know(
 
 @pytest.mark.parametrize(("adapter", "owner", "method", "logger"), ADAPTERS, ids=IDS)
 def test_install_is_idempotent_and_uninstall_restores(
-    adapter: ModuleType, owner: type, method: str, logger: str
+    adapter: ModuleType, owner: object, method: str, logger: str
 ) -> None:
     del logger
     adapter.uninstall()

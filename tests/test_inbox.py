@@ -129,7 +129,7 @@ def receive_side(request: pytest.FixtureRequest) -> Iterator[str]:
     inbox.uninstall()
     if request.param == "inbox":
         assert inbox.install()
-        assert TaskGroup.spawn_app is not inbox._original
+        assert TaskGroup.spawn_app is not inbox._replacement.original
     yield request.param
     inbox.uninstall()
 
