@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn
@@ -117,7 +118,8 @@ def _add_serve_options(p: _EnvParser) -> None:
             parse=option.parse,
             metavar=option.metavar,
             choices=option.choices,
-            help=f"{option.help} (default: {f.default})",
+            # A None default is explained by the help itself (a computed default).
+            help=option.help if f.default is None else f"{option.help} (default: {f.default})",
         )
 
 
@@ -255,9 +257,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
     except BaseExceptionGroup as group:
         # Errors raised inside a nursery (publish_once's BusUnavailable) arrive wrapped.
         error = unwrap_single(group)
+        if isinstance(error, BrokenPipeError):
+            return _stdout_gone()
         if not isinstance(error, ChatwatchError):
             raise
         return _fail(error)
+    except BrokenPipeError:
+        return _stdout_gone()
     except ChatwatchError as exc:
         return _fail(exc)
     except KeyboardInterrupt:
@@ -265,6 +271,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
     if result is not None:
         print(result)
     return 0
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (``chatwatch watch ... | head``): end quietly,
+    as a command killed by SIGPIPE does (status 141), instead of a traceback. stdout is
+    pointed at /dev/null first, or the interpreter's last flush would fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _fail(error: ChatwatchError) -> int:

@@ -205,7 +205,10 @@ class Settings:
         flag="--nats-url",
     )
     database_url: str | None = _opt(
-        None, "sqlite:///PATH (default ./chatwatch.db)", database_url, metavar="URL"
+        None,
+        "sqlite:///PATH or postgresql://USER@HOST/DB (default: sqlite, ./chatwatch.db)",
+        database_url,
+        metavar="URL",
     )
     keepalive: float = _opt(
         15.0, "seconds between keepalive comments on an idle stream", seconds(), metavar="SECONDS"

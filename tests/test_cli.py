@@ -548,6 +548,40 @@ async def test_watch_prints_the_stream_as_it_arrives(svc: Service, tmp_path: Pat
     await wait_until(lambda: svc.nats.chat_subscriptions() == [])
 
 
+async def test_watch_piped_into_a_reader_that_leaves_ends_without_a_traceback(
+    svc: Service, tmp_path: Path
+) -> None:
+    # `chatwatch watch ... | head -1`: once the reader has gone, the next write fails
+    # with EPIPE; the viewer ends as a command killed by SIGPIPE would (141), quietly.
+    (seed,) = await svc.seed()
+    cid = seed.conversation_id
+    with (tmp_path / "stderr").open("wb") as stderr:
+        proc = await trio.lowlevel.open_process(
+            chatwatch("watch", cid, "--token", seed.token, "--url", svc.url),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=REPO,
+            env=subprocess_env(),
+        )
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(30):
+            assert await Lines(proc.stdout).until(lambda t: "\n" in t) == "[live]\n"
+        await proc.stdout.aclose()  # the reader leaves
+        pub = await svc.publisher()
+        await pub.publish_many([(f"chat.chunk.{cid}", chunk("done"))])
+        await pub.aclose()
+        with trio.fail_after(30):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.move_on_after(10):
+                await proc.wait()
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert b"Traceback" not in (tmp_path / "stderr").read_bytes()
+
+
 async def test_watch_resumes_by_itself_across_a_service_restart(
     nursery: trio.Nursery, nats: NatsProcess, tmp_path: Path
 ) -> None:
