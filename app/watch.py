@@ -135,8 +135,8 @@ class WatchBody(ResponseBody):
     def disconnected(self) -> None:
         """The client went away (sync; `asgiconn.Disconnectable`): leave the hub now.
 
-        Called by the connection's message reader in the step that reads the
-        disconnect, after it cancelled the request: the last watcher of a conversation
+        Called by the request handling (`asgiconn._Messages`) in the step that hands
+        over the disconnect, after it cancelled the request: the last watcher of a conversation
         ends its subscription (UNSUB written) here, not a scheduler pass later when
         the cancellation reaches `__aexit__` (which then finds nothing left to do).
         """

@@ -11,6 +11,7 @@ trio thread, where they would freeze the in-process service under test.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,6 @@ from typing import Any
 import trio
 
 from app.embedded import nats_server_binary
-from tests.procfs import all_threads_stopped
 
 
 class NatsProcess:
@@ -87,20 +87,21 @@ class NatsProcess:
             return False
 
     def pause(self) -> None:
-        """SIGSTOP, returning once every thread has stopped: the server answers nothing
-        more while its connections stay open. Blocking (for as long as the kernel takes
-        to stop the threads): from trio, run it in a worker thread.
+        """SIGSTOP, returning once the whole process has stopped: the server answers
+        nothing more while its connections stay open. A SIGSTOP wakes one thread, which
+        stops the others; until then they keep working (on a loaded machine long enough
+        to answer a PING). The kernel tells the parent when the last thread has stopped:
+        ``waitpid(WUNTRACED)`` waits for exactly that. SIGSTOP cannot be caught or
+        ignored, so the wait ends. Blocking: from trio, run it in a worker thread.
 
         The `nats` fixture restarts a server left paused, so a test that fails before
         its own restart cannot freeze every test after it."""
         assert self._proc is not None
         self._proc.send_signal(signal.SIGSTOP)
         self.paused = True
-        deadline = time.monotonic() + 10
-        while not all_threads_stopped(self._proc.pid):
-            if time.monotonic() > deadline:
-                raise RuntimeError("nats-server did not stop on SIGSTOP")
-            time.sleep(0.001)
+        _, status = os.waitpid(self._proc.pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            raise RuntimeError(f"nats-server ended instead of stopping (wait status {status})")
 
     def ensure_running(self) -> None:
         """Start the server if a test killed it; restart it if a test left it paused or

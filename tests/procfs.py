@@ -39,18 +39,6 @@ def is_running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-def all_threads_stopped(pid: int) -> bool:
-    """Whether every thread of `pid` is in the stopped state ("T"). A SIGSTOP wakes one
-    thread, which then stops the others: until it has run, the rest keep working (a
-    loaded machine made that window long enough for a nats-server to answer a PING)."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except FileNotFoundError:
-        return False
-    states = [_stat(int(task.name)) for task in tasks]
-    return bool(states) and all(s is not None and s[0] == "T" for s in states)
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of `pid`, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -8,13 +8,13 @@ import weakref
 from importlib.metadata import version
 from typing import Any, cast
 
-import pytest
 import trio
 from quart import Response, request
 from quart.wrappers.response import ResponseBody
 from quart_trio import QuartTrio
 
 from app import asgiconn
+from tests.asgitest import get_scope, lean_only
 
 
 def _mirrored_versions() -> bool:
@@ -31,18 +31,6 @@ def test_upstream_is_the_version_mirrored() -> None:
         # own class. To have the saving there too, check the new code against the
         # adapter, then add its versions and hashes.
         assert not asgiconn.is_supported()
-
-
-_INSTALLED = ", ".join(f"{name} {version(name)}" for name in asgiconn.MIRRORED)
-_MIRRORED = ", ".join(f"{name} {v}" for name, v in asgiconn.MIRRORED.items())
-# Where the adapter is off (quart-trio 0.13, which Python 3.13 installs), the app runs
-# quart-trio's own request handling and these tests of the adapter have nothing to run;
-# test_upstream_is_the_version_mirrored checks that it is off there.
-lean_only = pytest.mark.skipif(
-    not asgiconn.is_supported(),
-    reason=f"app/asgiconn.py is off with {_INSTALLED} (it mirrors {_MIRRORED});"
-    " the app uses quart-trio's own request handling here",
-)
 
 
 class _Body(ResponseBody):
@@ -141,21 +129,7 @@ async def test_a_disconnect_cancels_the_body() -> None:
 async def _disconnects(app: QuartTrio, state: dict[str, Any]) -> None:
     # Driven as hypercorn drives it (quart's test client waits for a final body that
     # a disconnected request never sends).
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "asgi": {"spec_version": "2.1", "version": "3.0"},
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stream",
-        "raw_path": b"/stream",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"x")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-        "extensions": {},
-    }
+    scope = get_scope("/stream")
     to_app, from_client = trio.open_memory_channel[dict[str, Any]](10)
     sent: list[dict[str, Any]] = []
 

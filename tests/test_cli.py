@@ -24,7 +24,7 @@ import trio
 from app.cli import build_parser, main, parse_args, settings_from
 from app.embedded import nats_server_binary
 from app.store import DEFAULT_SESSION_TTL, Access, Grant, SQLiteStore
-from tests.conftest import Service, chunk, start_service, wait_until, watch_path
+from tests.conftest import Seed, Service, chunk, start_service, wait_until, watch_path
 from tests.natsproc import NatsProcess
 from tests.ports import closed_port, free_port
 from tests.procfs import children_of, is_running
@@ -507,17 +507,22 @@ async def test_publish_reads_the_nats_url_from_the_environment(svc: Service) -> 
 # ---------------------------------------------------------------- watch
 
 
-async def test_watch_prints_the_stream_as_it_arrives(svc: Service, tmp_path: Path) -> None:
-    (seed,) = await svc.seed()
-    cid = seed.conversation_id
-    with (tmp_path / "stderr").open("wb") as stderr:
-        proc = await trio.lowlevel.open_process(
-            chatwatch("watch", cid, "--token", seed.token, "--url", svc.url),
+async def start_viewer(svc: Service, seed: Seed, stderr_path: Path) -> trio.Process:
+    """`chatwatch watch` on the seed's conversation, its stdout a pipe to read."""
+    with stderr_path.open("wb") as stderr:
+        return await trio.lowlevel.open_process(
+            chatwatch("watch", seed.conversation_id, "--token", seed.token, "--url", svc.url),
             stdout=subprocess.PIPE,
             stderr=stderr,
             cwd=REPO,
             env=subprocess_env(),
         )
+
+
+async def test_watch_prints_the_stream_as_it_arrives(svc: Service, tmp_path: Path) -> None:
+    (seed,) = await svc.seed()
+    cid = seed.conversation_id
+    proc = await start_viewer(svc, seed, tmp_path / "stderr")
     try:
         assert proc.stdout is not None
         out = Lines(proc.stdout)
@@ -555,14 +560,7 @@ async def test_watch_piped_into_a_reader_that_leaves_ends_without_a_traceback(
     # with EPIPE; the viewer ends as a command killed by SIGPIPE would (141), quietly.
     (seed,) = await svc.seed()
     cid = seed.conversation_id
-    with (tmp_path / "stderr").open("wb") as stderr:
-        proc = await trio.lowlevel.open_process(
-            chatwatch("watch", cid, "--token", seed.token, "--url", svc.url),
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            cwd=REPO,
-            env=subprocess_env(),
-        )
+    proc = await start_viewer(svc, seed, tmp_path / "stderr")
     try:
         assert proc.stdout is not None
         with trio.fail_after(30):

@@ -7,7 +7,6 @@ tests/test_fastsend.py), with the adapter and without, and byte for byte against
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -18,19 +17,14 @@ from h11._writers import ChunkedWriter
 
 from app import fastchunk
 from app.upstream import mismatches
+from tests.bothways import both_ways
 from tests.rawhttp import LIMIT, StreamApp, connect, frame, request, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["fast", "hypercorn"])
-def framing(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every end-to-end test runs with the adapter and without: same bytes."""
-    fastchunk.uninstall()
-    if request.param == "fast":
-        assert fastchunk.install()
-    yield request.param
-    fastchunk.uninstall()
+# Every end-to-end test runs with the adapter and without: same bytes.
+framing = both_ways(fastchunk, "framing", on="fast")
 
 
 def test_upstream_is_the_version_and_code_the_adapter_mirrors() -> None:

@@ -20,19 +20,14 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
 from app import fastsend, upstream
+from tests.bothways import both_ways
 from tests.rawhttp import LIMIT, StreamApp, connect, frame, request, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["fast", "hypercorn"])
-def write_path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every end-to-end test runs with the adapter and without: same behaviour."""
-    fastsend.uninstall()
-    if request.param == "fast":
-        assert fastsend.install()
-    yield request.param
-    fastsend.uninstall()
+# Every end-to-end test runs with the adapter and without: same behaviour.
+write_path = both_ways(fastsend, "write_path", on="fast")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ adapter and without it.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from importlib.metadata import version
 from pathlib import Path
@@ -22,6 +21,7 @@ from hypercorn.trio import tcp_server
 
 from app import idletask
 from tests import rawhttp
+from tests.bothways import both_ways
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 15.0  # a hang guard, not a performance limit
@@ -29,13 +29,7 @@ KEEP_ALIVE = 0.3
 REQUEST = b"GET /x HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
-@pytest.fixture(params=["adapter", "hypercorn"])
-def timer(request: pytest.FixtureRequest) -> Iterator[str]:
-    idletask.uninstall()
-    if request.param == "adapter":
-        assert idletask.install()
-    yield request.param
-    idletask.uninstall()
+timer = both_ways(idletask, "timer")
 
 
 class App:

@@ -26,6 +26,7 @@ from quart_trio import QuartTrio
 
 from app import asgiconn, inbox, upstream
 from app.inbox import Inbox
+from tests.asgitest import get_scope, lean_only
 from tests.rawhttp import LIMIT, StreamApp, connect, frame, request as http_request, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,27 +182,13 @@ def _quart_app(state: dict[str, Any]) -> QuartTrio:
     return app
 
 
-@pytest.mark.skipif(not asgiconn.is_supported(), reason="app/asgiconn.py is off here")
+@lean_only
 async def test_the_request_handling_listens_and_a_disconnect_cancels_it() -> None:
     """No task beside the response: the inbox's listener appends the body and turns
     the disconnect into a cancellation of the response."""
     state: dict[str, Any] = {"idling": trio.Event()}
     app = _quart_app(state)
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "asgi": {"spec_version": "2.1", "version": "3.0"},
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stream",
-        "raw_path": b"/stream",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-        "extensions": {},
-    }
+    scope = get_scope("/stream")
     sent: list[Any] = []
 
     async def send(message: Any) -> None:

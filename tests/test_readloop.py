@@ -9,7 +9,6 @@ stretch them).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,18 +18,13 @@ import trio
 import trio.testing
 
 from app import readloop, upstream
+from tests.bothways import both_ways
 from tests.rawhttp import LIMIT, StreamApp, connect, frame, request as http_request, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["adapter", "hypercorn"])
-def read_loop(request: pytest.FixtureRequest) -> Iterator[str]:
-    readloop.uninstall()
-    if request.param == "adapter":
-        assert readloop.install()
-    yield request.param
-    readloop.uninstall()
+read_loop = both_ways(readloop, "read_loop")
 
 
 def test_hypercorn_is_the_version_and_code_the_adapter_mirrors() -> None:
@@ -97,7 +91,11 @@ async def test_a_read_timeout_is_hypercorns_own_loop(
         await connect(port) as stream,
     ):
         started = trio.current_time()
-        await trio.sleep(1)
+        # The server reading (its timeout armed), then past the timeout, and the
+        # server has acted on it before the request is sent.
+        await trio.testing.wait_all_tasks_blocked()
+        autojump_clock.jump(1)
+        await trio.testing.wait_all_tasks_blocked()
         await stream.send_all(b"GET /stream/1 HTTP/1.1\r\nHost: test\r\n\r\n")
         try:
             received = await read_until_closed(stream)
